@@ -1,0 +1,3 @@
+from llm_gateway.cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""The BlackSheep application: the HTTP route table, per-worker start and stop, and the one place
+where errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from blacksheep import Application, Content, Request, Response
+from blacksheep.exceptions import HTTPException
+from llm_gateway import admin
+from llm_gateway.auth import authenticate
+from llm_gateway.catalog import Catalog
+from llm_gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+)
+from llm_gateway.limits import Limiter
+from llm_gateway.pipeline import chat_completions, client_request_id, new_request_id
+from llm_gateway.providers import build_providers
+from llm_gateway.services import Services
+from llm_gateway.settings import Settings
+from llm_gateway.store.base import Store
+from llm_gateway.upstream import UpstreamClient
+from llm_gateway.usage import NullSink, UsageSink
+
+log = logging.getLogger("llm_gateway")
+
+Handler = Callable[[Services, Request, str], Awaitable[Response]]
+JSON = b"application/json"
+
+
+def error_response(exc: GatewayError) -> Response:
+    headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    return Response(exc.status, headers, Content(JSON, exc.body()))
+
+
+def _json(data: bytes, status: int = 200) -> Response:
+    return Response(status, None, Content(JSON, data))
+
+
+async def healthz(svc: Services, request: Request, rid: str) -> Response:
+    return _json(b'{"status":"ok"}')
+
+
+async def readyz(svc: Services, request: Request, rid: str) -> Response:
+    try:
+        await svc.store.ping()
+    except Exception as exc:
+        log.warning("readiness check failed: %s", type(exc).__name__)
+        raise ServiceUnavailable("the store is not reachable", code="store_unavailable") from None
+    return _json(b'{"status":"ready"}')
+
+
+async def list_models(svc: Services, request: Request, rid: str) -> Response:
+    _, tenant = await authenticate(svc.catalog, request)
+    routes = [r for r in await svc.catalog.routes() if tenant.may_use(r.name)]
+    return admin.json_response({
+        "object": "list",
+        "data": [_model_object(r) for r in routes],
+    })
+
+
+async def get_model(svc: Services, request: Request, rid: str) -> Response:
+    _, tenant = await authenticate(svc.catalog, request)
+    name = request.route_values["model"]
+    route = await svc.catalog.route(name)
+    if route is None or not tenant.may_use(name):
+        raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
+                       code="model_not_found", param="model")
+    return admin.json_response(_model_object(route))
+
+
+def _model_object(r: object) -> dict[str, object]:
+    from llm_gateway.domain import Route
+
+    assert isinstance(r, Route)
+    return {"id": r.name, "object": "model", "created": int(r.updated_at),
+            "owned_by": r.targets[0].provider}
+
+
+async def chat(svc: Services, request: Request, rid: str) -> Response:
+    return await chat_completions(svc, request, rid, client_request_id(request))
+
+
+def _admin(fn: Callable[[Services, Request], Awaitable[Response]]) -> Handler:
+    async def handler(svc: Services, request: Request, rid: str) -> Response:
+        return await fn(svc, request)
+
+    return handler
+
+
+# (method, path, handler): the whole HTTP surface in one place.
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/v1/chat/completions", chat),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/:model", get_model),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("POST", "/admin/tenants", _admin(admin.create_tenant)),
+    ("GET", "/admin/tenants", _admin(admin.list_tenants)),
+    ("GET", "/admin/tenants/:tenant_id", _admin(admin.get_tenant)),
+    ("PATCH", "/admin/tenants/:tenant_id", _admin(admin.patch_tenant)),
+    ("DELETE", "/admin/tenants/:tenant_id", _admin(admin.delete_tenant)),
+    ("POST", "/admin/tenants/:tenant_id/keys", _admin(admin.create_key)),
+    ("DELETE", "/admin/tenants/:tenant_id/keys/:key_id", _admin(admin.delete_key)),
+    ("GET", "/admin/tenants/:tenant_id/usage", _admin(admin.tenant_usage)),
+    ("PUT", "/admin/models/:name", _admin(admin.put_model)),
+    ("GET", "/admin/models", _admin(admin.list_models)),
+    ("DELETE", "/admin/models/:name", _admin(admin.delete_model)),
+]
+
+
+class Gateway:
+    """Holds a worker's services between start and stop and adapts handlers to BlackSheep."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        make_store: Callable[[Settings], Store],
+        make_limiter: Callable[[Settings], Limiter | None],
+        make_sink: Callable[[Settings], UsageSink] = lambda s: NullSink(),
+    ) -> None:
+        self.settings = settings
+        self._make_store = make_store
+        self._make_limiter = make_limiter
+        self._make_sink = make_sink
+        self.services: Services | None = None
+
+    async def start(self, app: Application) -> None:
+        s = self.settings
+        store = self._make_store(s)
+        await store.start()
+        upstream = UpstreamClient(s)
+        await upstream.start()
+        limiter = self._make_limiter(s)
+        if limiter is not None and hasattr(limiter, "start"):
+            await limiter.start()
+        self.services = Services(
+            settings=s,
+            store=store,
+            catalog=Catalog(store),
+            limiter=limiter,
+            upstream=upstream,
+            providers=build_providers(s.default_max_tokens),
+            usage=self._make_sink(s),
+        )
+
+    async def stop(self, app: Application) -> None:
+        svc = self.services
+        if svc is None:
+            return
+        await svc.upstream.aclose()
+        if svc.limiter is not None:
+            await svc.limiter.aclose()
+        await svc.store.aclose()
+
+    def wrap(self, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            rid = new_request_id()
+            try:
+                assert self.services is not None, "worker not started"
+                response = await fn(self.services, request, rid)
+            except GatewayError as exc:
+                response = error_response(exc)
+            except Exception:
+                log.exception("unhandled error on %s", request.url.path.decode())
+                response = error_response(InternalError("The gateway had an internal error."))
+            response.add_header(b"x-request-id", (client_request_id(request) or rid).encode())
+            return response
+
+        return handler
+
+
+def build_app(gateway: Gateway) -> Application:
+    app = Application()
+    paths: dict[str, set[str]] = {}
+    for method, path, fn in ROUTES:
+        app.router.add(method, path, gateway.wrap(fn))
+        paths.setdefault(path, set()).add(method)
+
+    async def fallback(request: Request) -> Response:
+        path = request.url.path.decode()
+        if any(_same_shape(path, p) for p in paths):
+            exc: GatewayError = MethodNotAllowed(
+                f"Method {request.method} is not allowed on {path}."
+            )
+        else:
+            exc = NotFound(f"Unknown path {path}.", code="unknown_url")
+        response = error_response(exc)
+        response.add_header(b"x-request-id", new_request_id().encode())
+        return response
+
+    app.router.fallback = fallback
+
+    async def http_error(app_: Application, request: Request, exc: HTTPException) -> Response:
+        if exc.status == 400:
+            return error_response(InvalidRequest("The request could not be parsed."))
+        if exc.status == 404:
+            return error_response(NotFound("Not found.", code="unknown_url"))
+        return error_response(InternalError("The gateway had an internal error."))
+
+    async def server_error(app_: Application, request: Request, exc: Exception) -> Response:
+        return error_response(InternalError("The gateway had an internal error."))
+
+    for status in (400, 404, 500):
+        app.exceptions_handlers[status] = http_error  # type: ignore[assignment]
+    app.exceptions_handlers[Exception] = server_error  # type: ignore[index]
+    app.on_start += gateway.start
+    app.on_stop += gateway.stop
+    return app
+
+
+def _same_shape(path: str, pattern: str) -> bool:
+    a, b = path.rstrip("/").split("/"), pattern.split("/")
+    return len(a) == len(b) and all(p.startswith(":") or p == q for p, q in zip(b, a, strict=True))

@@ -1,0 +1,110 @@
+"""Reading and checking a client's chat request: the body is read once, bounded, parsed once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from blacksheep import Request
+from llm_gateway.errors import InvalidRequest, PayloadTooLarge
+
+_ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+    declared = request.get_first_header(b"content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max_bytes:
+                raise _too_large(max_bytes)
+        except ValueError:
+            raise InvalidRequest("invalid Content-Length header") from None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        if chunk:
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(max_bytes)
+            parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {max_bytes} bytes.")
+
+
+def parse_json_object(raw: bytes, max_depth: int) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; expected a JSON object.",
+                             code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.",
+                             code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    # Cheap bound first: nesting can never exceed the number of opening brackets.
+    if raw.count(b"{") + raw.count(b"[") > max_depth and _depth(body) > max_depth:
+        raise InvalidRequest(f"The request JSON is nested deeper than {max_depth} levels.",
+                             code="json_too_deep")
+    return body
+
+
+def _depth(value: Any) -> int:
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return deepest
+
+
+def parse_chat(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """A Chat Completions body, checked for what the gateway relies on. Unknown fields are left
+    for the upstream."""
+    body = parse_json_object(raw, max_depth)
+    model = body.get("model")
+    if model is None:
+        raise _invalid("you must provide a model parameter", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _invalid("'model' must be a non-empty string", "model", "invalid_type")
+    messages = body.get("messages")
+    if messages is None:
+        raise _invalid("'messages' is a required property", "messages",
+                       "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty array", "messages", "invalid_type")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _invalid(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise _invalid(f"messages[{i}].role must be one of {sorted(_ROLES)}",
+                           f"messages[{i}].role", "invalid_value")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _invalid(f"messages[{i}].content must be a string or an array of parts",
+                           f"messages[{i}].content", "invalid_type")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean", "stream", "invalid_type")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = body.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise _invalid(f"'{name}' must be a positive integer", name, "invalid_value")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise _invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+    return body
+
+
+def _invalid(message: str, param: str, code: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)

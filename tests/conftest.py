@@ -1,0 +1,136 @@
+"""Shared fixtures: real processes on free ports (fake upstream, gateway under Granian), and small
+clients for the admin API. Every process is waited on through its health endpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.procs import free_port, running
+
+ADMIN_KEY = "sk-admin-test-0123456789"
+
+
+@dataclass
+class FakeUpstream:
+    url: str  # http://127.0.0.1:port
+
+    @property
+    def openai_base(self) -> str:
+        return f"{self.url}/v1"
+
+    def control(self, path: str, payload: dict[str, Any] | None = None) -> Any:
+        with httpx.Client(base_url=self.url, timeout=5) as c:
+            r = c.post(f"/_control/{path}", json=payload or {})
+            r.raise_for_status()
+            return r.json()
+
+    def reset(self) -> None:
+        self.control("reset")
+
+    def faults(self, *faults: dict[str, Any]) -> None:
+        self.control("faults", {"faults": list(faults)})
+
+    def requests(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/_control/requests", timeout=5).json()  # type: ignore[no-any-return]
+
+    def events(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/_control/events", timeout=5).json()  # type: ignore[no-any-return]
+
+
+@contextmanager
+def fake_upstream_process(**flags: Any) -> Iterator[FakeUpstream]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llm_gateway.workers.fake_upstream", "--port", str(port)]
+    for k, v in flags.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{url}/_control/health"):
+        yield FakeUpstream(url)
+
+
+@dataclass
+class Gateway:
+    url: str
+    data_dir: Path
+    admin_key: str = ADMIN_KEY
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-Admin-Key": self.admin_key},
+                            timeout=10)
+
+    def create_tenant(self, tenant_id: str, **fields: Any) -> dict[str, Any]:
+        with self.admin() as c:
+            r = c.post("/admin/tenants", json={"tenant_id": tenant_id, **fields})
+            assert r.status_code == 201, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+    def put_model(self, name: str, *targets: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        with self.admin() as c:
+            r = c.put(f"/admin/models/{name}", json={"targets": list(targets), **extra})
+            assert r.status_code in (200, 201), r.text
+            return r.json()  # type: ignore[no-any-return]
+
+
+def gateway_env(data_dir: Path, port: int, **overrides: str) -> dict[str, str]:
+    env = {
+        "SERVER_PORT": str(port),
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_WORKERS": "2",
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "LOG_LEVEL": "WARNING",
+        "GATEWAY_SHUTDOWN_GRACE_S": "10",
+    }
+    for name in ("REDIS_ADDR", "DYNAMODB_TABLE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        env.setdefault(name, "")
+    env.update(overrides)
+    return env
+
+
+@contextmanager
+def gateway_process(data_dir: Path, **env: str) -> Iterator[Gateway]:
+    port = free_port()
+    full_env = gateway_env(data_dir, port, **env)
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llm_gateway", "serve"]
+    with running(cmd, f"{url}/readyz", env=full_env, deadline_s=30):
+        yield Gateway(url, data_dir, full_env["ADMIN_API_KEY"] or ADMIN_KEY, full_env)
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    with fake_upstream_process() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A 2-worker gateway on the embedded store, shared by tests that only add their own
+    tenants and models (unique names per test)."""
+    with gateway_process(tmp_path_factory.mktemp("gw"), GATEWAY_FIRST_BYTE_TIMEOUT_S="2",
+                         GATEWAY_STREAM_IDLE_TIMEOUT_S="2") as gw:
+        yield gw
+
+
+@pytest.fixture
+def fresh_upstream(upstream: FakeUpstream) -> FakeUpstream:
+    upstream.reset()
+    return upstream
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(4).hex()}"

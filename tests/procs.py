@@ -1,0 +1,74 @@
+"""Start real server processes for tests: a free port, start, wait for health, stop.
+
+    with running([sys.executable, "-m", "pkg", "--port", str(port)], health_url) as proc:
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@contextmanager
+def running(
+    command: Sequence[str],
+    health_url: str,
+    *,
+    deadline_s: float = 15.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` until the block ends; enter only once `health_url` answers 200."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        try:
+            _wait_healthy(proc, " ".join(command), health_url, deadline_s, log)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(
+    proc: subprocess.Popen[bytes], name: str, url: str, deadline_s: float, log: IO[bytes]
+) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            state = f"exited with {proc.returncode}" if proc.returncode is not None else "timed out"
+            raise RuntimeError(f"{name} {state} before {url} was healthy:\n{output}")
+        time.sleep(0.05)  # poll interval, not a guess at start-up time
