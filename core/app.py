@@ -10,6 +10,7 @@ from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import HTTPException
 from llm_gateway import admin
 from llm_gateway.auth import authenticate
+from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
 from llm_gateway.errors import (
     GatewayError,
@@ -53,7 +54,7 @@ async def readyz(svc: Services, request: Request, rid: str) -> Response:
     except Exception as exc:
         log.warning("readiness check failed: %s", type(exc).__name__)
         raise ServiceUnavailable("the store is not reachable", code="store_unavailable") from None
-    return _json(b'{"status":"ready"}')
+    return admin.json_response({"status": "ready", "circuit_breakers": svc.breakers.states()})
 
 
 async def list_models(svc: Services, request: Request, rid: str) -> Response:
@@ -148,6 +149,7 @@ class Gateway:
             upstream=upstream,
             providers=build_providers(s.default_max_tokens),
             usage=self._make_sink(s),
+            breakers=Breakers(s.breaker_fail_max, s.breaker_reset_s),
         )
 
     async def stop(self, app: Application) -> None:

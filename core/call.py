@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_gateway.domain import Route, Target, Tenant, Usage
+
+if TYPE_CHECKING:
+    from llm_gateway.errors import GatewayError
+    from llm_gateway.observability import RequestTrace
 
 
 @dataclass(slots=True)
@@ -31,6 +35,8 @@ class Call:
     status: int = 0
     usage: Usage = field(default_factory=Usage)
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    trace: RequestTrace | None = None
+    error: GatewayError | None = None
 
     @property
     def client_wants_usage(self) -> bool:

@@ -16,11 +16,11 @@ from blacksheep import Request
 
 
 class DisconnectWatcher:
-    __slots__ = ("_on_disconnect", "_task", "disconnected")
+    __slots__ = ("_task", "disconnected", "on_disconnect")
 
     def __init__(self, request: Request, on_disconnect: Callable[[], object]) -> None:
         self.disconnected = False
-        self._on_disconnect = on_disconnect
+        self.on_disconnect = on_disconnect
         receive = request.content.receive if request.content is not None else None
         self._task = asyncio.ensure_future(self._watch(receive)) if receive else None
 
@@ -29,7 +29,7 @@ class DisconnectWatcher:
             message = await receive()  # type: ignore[misc]
             if isinstance(message, dict) and message.get("type") == "http.disconnect":
                 self.disconnected = True
-                self._on_disconnect()
+                self.on_disconnect()
                 return
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 
+from llm_gateway import observability as obs
 from llm_gateway.call import Call
 from llm_gateway.errors import RateLimited, ServiceUnavailable
 from llm_gateway.limits import LimiterUnavailable, rate_limit_headers
@@ -53,7 +54,8 @@ async def reserve(svc: Services, call: Call) -> None:
     )
     if decision.allowed:
         return
-    call.reserved_tokens = 0
+    reserved, call.reserved_tokens = call.reserved_tokens, 0
+    obs.rate_limited(call, decision.denied_by or "tpm")
     headers = rate_limit_headers(decision)
     if decision.never_fits:
         raise RateLimited(
@@ -67,7 +69,7 @@ async def reserve(svc: Services, call: Call) -> None:
         f"requests per minute (limit {tenant.rpm_limit})"
         if decision.denied_by == "rpm"
         else f"tokens per minute (limit {tenant.tpm_limit}, this request reserves "
-        f"{call.reserved_tokens or 'its prompt plus max output'})"
+        f"{reserved})"
     )
     raise RateLimited(
         f"Rate limit reached for {which}. Try again in {decision.retry_after_s:.2f}s.",
@@ -97,6 +99,7 @@ async def _settle(svc: Services, tenant_id: str, tpm: int, reserved: int, actual
 
 def _limiter_down(exc: Exception) -> None:
     global _last_logged
+    obs.limiter_error()
     now = time.monotonic()
     if now - _last_logged >= _LOG_EVERY_S:
         _last_logged = now

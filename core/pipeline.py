@@ -16,10 +16,12 @@ import secrets
 from blacksheep import Content, Request, Response
 from blacksheep.exceptions import MessageAborted
 from llm_gateway import limiting
+from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.call import Call
 from llm_gateway.chat_request import parse_chat, read_body
 from llm_gateway.disconnect import DisconnectWatcher
+from llm_gateway.domain import Tenant
 from llm_gateway.errors import GatewayError, NotFound, PermissionDenied
 from llm_gateway.router import open_upstream
 from llm_gateway.services import Services
@@ -34,31 +36,41 @@ CLIENT_CLOSED = 499
 async def chat_completions(
     svc: Services, request: Request, request_id: str, client_id: str | None
 ) -> Response:
-    key, tenant = await authenticate(svc.catalog, request)
+    trace = obs.start_request(request, request_id)
+    tenant: Tenant | None = None
+    model = ""
     try:
-        raw = await read_body(request, svc.settings.max_body_bytes)
-    except MessageAborted:
-        return Response(CLIENT_CLOSED)
-    body = parse_chat(raw, svc.settings.max_json_depth)
-    model: str = body["model"]
-    route = await svc.catalog.route(model)
-    if route is None:
-        raise NotFound(f"The model `{model}` does not exist or you do not have access to it.",
-                       code="model_not_found", param="model")
-    if not tenant.may_use(model):
-        raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.",
-                               param="model")
+        with trace.child("auth"):
+            key, tenant = await authenticate(svc.catalog, request)
+        try:
+            raw = await read_body(request, svc.settings.max_body_bytes)
+        except MessageAborted:
+            trace.end(CLIENT_CLOSED)
+            return Response(CLIENT_CLOSED)
+        body = parse_chat(raw, svc.settings.max_json_depth)
+        model = body["model"]
+        route = await svc.catalog.route(model)
+        if route is None:
+            raise NotFound(f"The model `{model}` does not exist or you do not have access to it.",
+                           code="model_not_found", param="model")
+        if not tenant.may_use(model):
+            raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.",
+                                   param="model")
+    except GatewayError as exc:
+        obs.request_rejected(trace, tenant, model, exc)
+        raise
     call = Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
                 key_id=key.key_id, model=model, body=body, raw=raw,
-                stream=body.get("stream") is True, route=route)
-
-    await limiting.reserve(svc, call)
+                stream=body.get("stream") is True, route=route, trace=trace)
     try:
+        with trace.child("limiter"):
+            await limiting.reserve(svc, call)
         if call.stream:
             return await _stream(svc, call, request)
         return await _complete(svc, call, request)
     except GatewayError as exc:
         call.status = exc.status
+        call.error = exc
         exc.headers.update((k.decode(), v.decode()) for k, v in call.response_headers)
         _finish(svc, call)
         raise
@@ -66,9 +78,9 @@ async def chat_completions(
 
 async def _complete(svc: Services, call: Call, request: Request) -> Response:
     task = asyncio.current_task()
-    watcher = DisconnectWatcher(request, task.cancel if task else lambda: None)
+    watcher = DisconnectWatcher(request, task.cancel if task else _noop)
     try:
-        opened = await open_upstream(svc.upstream, svc.providers, call)
+        opened = await open_upstream(svc, call)
         try:
             content = await svc.upstream.read_body(opened.response)
         finally:
@@ -76,13 +88,7 @@ async def _complete(svc: Services, call: Call, request: Request) -> Response:
         call.mark_first_byte()
         out, call.usage = opened.provider.parse_response(content, call.model)
     except asyncio.CancelledError:
-        if not watcher.disconnected:
-            raise
-        if task is not None:
-            task.uncancel()
-        call.status = CLIENT_CLOSED
-        _finish(svc, call)
-        return Response(CLIENT_CLOSED)
+        return _client_left(svc, call, watcher, task)
     finally:
         watcher.stop()
     call.status = 200
@@ -91,11 +97,36 @@ async def _complete(svc: Services, call: Call, request: Request) -> Response:
 
 
 async def _stream(svc: Services, call: Call, request: Request) -> Response:
-    opened = await open_upstream(svc.upstream, svc.providers, call)
+    task = asyncio.current_task()
+    # Until the stream starts, a client that leaves cancels the attempts (and their retries).
+    watcher = DisconnectWatcher(request, task.cancel if task else _noop)
+    try:
+        opened = await open_upstream(svc, call)
+    except asyncio.CancelledError:
+        watcher.stop()
+        return _client_left(svc, call, watcher, task)
+    except BaseException:
+        watcher.stop()
+        raise
     translator = opened.provider.stream_translator(
         call.model, call.client_wants_usage, call.encoding
     )
-    return relay_stream(svc, call, request, opened, translator, on_end=_finish)
+    return relay_stream(svc, call, watcher, opened, translator, on_end=_finish)
+
+
+def _client_left(svc: Services, call: Call, watcher: DisconnectWatcher,
+                 task: asyncio.Task[object] | None) -> Response:
+    if not watcher.disconnected:
+        raise asyncio.CancelledError
+    if task is not None:
+        task.uncancel()
+    call.status = CLIENT_CLOSED
+    _finish(svc, call)
+    return Response(CLIENT_CLOSED)
+
+
+def _noop() -> None:
+    return None
 
 
 def _finish(svc: Services, call: Call) -> None:
@@ -107,6 +138,7 @@ def _finish(svc: Services, call: Call) -> None:
         call.usage.input_tokens = call.prompt_tokens
     limiting.settle(svc, call)
     svc.usage.emit(usage_record(call))
+    obs.request_finished(call)
 
 
 def client_request_id(request: Request) -> str | None:

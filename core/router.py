@@ -1,22 +1,39 @@
-"""Choosing a route's target and opening the upstream response, with failover.
+"""Choosing a route's target and opening the upstream response: retries, failover, breakers.
 
-Targets are tried in order; a failure that another attempt may fix (connection errors, timeouts,
-429, 5xx) moves on to the next target, anything else goes straight back to the client. For a
-stream, the first chunk is read here, before any byte goes to the client: until then a failover
-is still invisible to the client; after it, never.
+Targets are tried in order (consecutive targets with a `weight` share load: their order is drawn
+by weight for each request). On a target, a failure another attempt may fix (connection error,
+timeout, 429, 5xx) is retried with exponential backoff and jitter, honouring a short
+`Retry-After`; then the next target is tried. A 4xx other than 429 goes straight back to the
+client. Attempts and time are bounded in total. A target whose breaker is open is skipped.
+
+For a stream, the first chunk is read here, before any byte goes to the client: until then a
+failover is still invisible to the client; after it, never.
 """
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiohttp
+import pybreaker
+from llm_gateway import observability as obs
+from llm_gateway.breakers import TargetBreaker
 from llm_gateway.call import Call
-from llm_gateway.domain import Target
+from llm_gateway.domain import Route, Target
 from llm_gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
 from llm_gateway.providers.base import Provider
-from llm_gateway.settings import secret_from_env
-from llm_gateway.upstream import UpstreamClient
+from llm_gateway.services import Services
+from llm_gateway.settings import Settings, secret_from_env
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 
 @dataclass(slots=True)
@@ -32,41 +49,123 @@ def api_key_for(target: Target) -> str | None:
     return secret_from_env(target.api_key_env) if target.api_key_env else None
 
 
-async def open_upstream(
-    upstream: UpstreamClient, providers: dict[str, Provider], call: Call
-) -> Opened:
+def ordered_targets(route: Route) -> Sequence[Target]:
+    targets = route.targets
+    if not any(t.weight for t in targets):
+        return targets
+    out: list[Target] = []
+    group: list[Target] = []
+    for t in (*targets, None):
+        if t is not None and t.weight:
+            group.append(t)
+            continue
+        while group:  # a weighted draw without replacement
+            pick = random.choices(range(len(group)), weights=[g.weight or 1 for g in group])[0]
+            out.append(group.pop(pick))
+        if t is not None:
+            out.append(t)
+    return out
+
+
+async def open_upstream(svc: Services, call: Call) -> Opened:
     assert call.route is not None
+    s = svc.settings
+    deadline = time.monotonic() + s.max_retry_time_s
     last: GatewayError | None = None
-    for target in call.route.targets:
-        provider = providers.get(target.provider)
+    for target in ordered_targets(call.route):
+        if call.attempts >= s.max_attempts or time.monotonic() >= deadline:
+            break
+        provider = svc.providers.get(target.provider)
         if provider is None:
             last = ServiceUnavailable(f"provider {target.provider!r} is not supported")
             continue
-        call.target = target
-        call.attempts += 1
+        breaker = svc.breakers.for_target(target.name)
+        if not breaker.available():
+            last = _circuit_open(target)
+            continue
         try:
-            return await _attempt(upstream, provider, target, call)
+            return await _on_target(svc, call, provider, target, breaker, deadline)
+        except pybreaker.CircuitBreakerError:
+            obs.attempt_skipped(call, target, "circuit_open")
+            last = _circuit_open(target)
         except GatewayError as exc:
             if not exc.retryable:
                 raise
             last = exc
-    assert last is not None
-    raise last
+    raise last or ServiceUnavailable("No upstream target could be tried.",
+                                     code="no_upstream_available")
 
 
-async def _attempt(
-    upstream: UpstreamClient, provider: Provider, target: Target, call: Call
-) -> Opened:
+def _circuit_open(target: Target) -> ServiceUnavailable:
+    return ServiceUnavailable("The upstream provider is failing; its circuit breaker is open.",
+                              code="upstream_circuit_open")
+
+
+async def _on_target(svc: Services, call: Call, provider: Provider, target: Target,
+                     breaker: TargetBreaker, deadline: float) -> Opened:
+    s = svc.settings
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(1 + s.retries_per_target),
+        wait=_Wait(s),
+        retry=retry_if_exception(lambda e: _may_retry(e, s, call, deadline)),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            call.target = target
+            call.attempts += 1
+            with breaker.attempt(), obs.attempt_span(call, target) as span:
+                opened = await _attempt(svc, provider, target, call)
+                span.outcome = "success"
+                return opened
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def _may_retry(exc: BaseException, s: Settings, call: Call, deadline: float) -> bool:
+    if not isinstance(exc, GatewayError) or not exc.retryable:
+        return False
+    if call.attempts >= s.max_attempts or time.monotonic() >= deadline:
+        return False
+    wait = retry_after_s(exc)
+    return wait is None or wait <= s.retry_after_max_s
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    headers = getattr(exc, "headers", None) or {}
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: treat as "long", i.e. not worth waiting for here
+
+
+class _Wait:
+    """Exponential backoff with jitter, or the upstream's own short Retry-After."""
+
+    def __init__(self, s: Settings) -> None:
+        self._backoff = wait_exponential_jitter(multiplier=s.retry_backoff_s, max=2.0,
+                                                jitter=s.retry_backoff_s)
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = retry_after_s(exc) if exc else None
+        return after if after is not None else float(self._backoff(state))
+
+
+async def _attempt(svc: Services, provider: Provider, target: Target, call: Call) -> Opened:
     req = provider.build_request(
         target, call.body, call.raw, stream=call.stream, api_key=api_key_for(target)
     )
-    resp = await upstream.send(req)
+    obs.inject_trace_headers(call, req.headers)
+    resp = await svc.upstream.send(req)
     try:
         if resp.status >= 400:
-            content = await upstream.read_body(resp)
+            content = await svc.upstream.read_body(resp)
             headers = {k.lower(): v for k, v in resp.headers.items()}
             raise provider.map_error(resp.status, content, headers)
-        first = await upstream.read_first(resp) if call.stream else b""
+        first = await svc.upstream.read_first(resp) if call.stream else b""
         if call.stream and not first:
             raise UpstreamError("the upstream provider ended the stream before sending anything",
                                 code="upstream_disconnected", retryable=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
 from llm_gateway.limits import Limiter
 from llm_gateway.providers.base import Provider
@@ -22,3 +23,4 @@ class Services:
     upstream: UpstreamClient
     providers: dict[str, Provider]
     usage: UsageSink
+    breakers: Breakers

@@ -45,7 +45,9 @@ class Settings:
     first_byte_timeout_s: float = 60.0
     stream_idle_timeout_s: float = 60.0
     request_timeout_s: float = 600.0
-    max_attempts: int = 3
+    max_attempts: int = 4
+    retries_per_target: int = 1
+    retry_backoff_s: float = 0.1
     max_retry_time_s: float = 30.0
     retry_after_max_s: float = 5.0
     breaker_fail_max: int = 5
@@ -84,7 +86,9 @@ class Settings:
             first_byte_timeout_s=e.get("GATEWAY_FIRST_BYTE_TIMEOUT_S", _positive_float, 60.0),
             stream_idle_timeout_s=e.get("GATEWAY_STREAM_IDLE_TIMEOUT_S", _positive_float, 60.0),
             request_timeout_s=e.get("GATEWAY_REQUEST_TIMEOUT_S", _positive_float, 600.0),
-            max_attempts=e.get("GATEWAY_MAX_ATTEMPTS", _positive_int, 3),
+            max_attempts=e.get("GATEWAY_MAX_ATTEMPTS", _positive_int, 4),
+            retries_per_target=e.get("GATEWAY_RETRIES_PER_TARGET", _non_negative_int, 1),
+            retry_backoff_s=e.get("GATEWAY_RETRY_BACKOFF_S", _non_negative_float, 0.1),
             max_retry_time_s=e.get("GATEWAY_MAX_RETRY_TIME_S", _positive_float, 30.0),
             retry_after_max_s=e.get("GATEWAY_RETRY_AFTER_MAX_S", _non_negative_float, 5.0),
             breaker_fail_max=e.get("GATEWAY_BREAKER_FAIL_MAX", _positive_int, 5),
@@ -149,6 +153,13 @@ def _positive_int(v: str) -> int:
     n = _int(v)
     if n < 1:
         raise ValueError("expected a whole number of at least 1")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    n = _int(v)
+    if n < 0:
+        raise ValueError("expected a whole number of at least 0")
     return n
 
 

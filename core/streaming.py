@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from blacksheep import Request, Response, StreamedContent
+from blacksheep import Response, StreamedContent
 from llm_gateway.call import Call
 from llm_gateway.disconnect import DisconnectWatcher
 from llm_gateway.errors import GatewayError, error_body
@@ -27,15 +27,17 @@ CLIENT_CLOSED = 499
 def relay_stream(
     svc: Services,
     call: Call,
-    request: Request,
+    watcher: DisconnectWatcher,
     opened: Opened,
     translator: StreamTranslator,
     on_end: Callable[[Services, Call], None],
 ) -> Response:
     resp = opened.response
 
+    # From now on a client that leaves closes the upstream response: generation stops at once.
+    watcher.on_disconnect = resp.close
+
     async def events() -> AsyncIterator[bytes]:
-        watcher = DisconnectWatcher(request, resp.close)
         call.status = 200
         try:
             out = translator.feed(opened.first_chunk)
