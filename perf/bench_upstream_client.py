@@ -25,7 +25,7 @@ import orjson
 import uvloop
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.conftest import fake_upstream_process  # noqa: E402
+from tests.conftest import fake_upstream_process
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 40}],
                      "max_tokens": 8})

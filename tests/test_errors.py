@@ -123,7 +123,7 @@ def test_upstream_unreachable_and_timeout(gateway: Gateway, fresh_upstream: Fake
     msg = [{"role": "user", "content": "x"}]
     _error(_post(gateway, setup["key"], {"model": setup["dead"], "messages": msg}), 502,
            "upstream_unreachable")
-    fresh_upstream.faults({"kind": "hang"})
+    fresh_upstream.faults({"kind": "hang"}, {"kind": "hang"})  # the attempt and its one retry
     err = _error(_post(gateway, setup["key"], {"model": setup["ok"], "messages": msg}), 504,
                  "upstream_timeout")
     assert err["type"] == "timeout"

@@ -55,6 +55,10 @@ def prepare(settings: Settings) -> Settings:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.embedded_store:
         EmbeddedStore.initialize(settings.data_dir)
+    if not settings.redis_addr:
+        from llm_gateway.limits.embedded import EmbeddedLimiter
+
+        EmbeddedLimiter.reset(settings.data_dir)
     settings, generated = settings.with_admin_key()
     if generated:
         print(f"Generated ADMIN_API_KEY (kept in {settings.data_dir / 'admin_api_key'}):",
@@ -71,7 +75,8 @@ def prepare(settings: Settings) -> Settings:
 
 def serve(settings: Settings) -> None:
     from granian import Granian
-    from granian.constants import Interfaces, LogLevels, Loops
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
 
     mp.set_start_method("fork", force=True)
     settings = prepare(settings)
