@@ -134,3 +134,63 @@ def fresh_upstream(upstream: FakeUpstream) -> FakeUpstream:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.urandom(4).hex()}"
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: Any = None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cli(self, *args: str) -> str:
+        import subprocess
+
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+
+
+@contextmanager
+def redis_process() -> Iterator[RedisServer]:
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)  # poll interval
+        yield RedisServer(port, proc)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[RedisServer]:
+    with redis_process() as server:
+        yield server

@@ -65,7 +65,8 @@ return {allowed, denied, tostring(wait), tostring(r), tostring(t), never}
 
 _ERRORS = (
     coredis.exceptions.ConnectionError,
-    coredis.exceptions.TimeoutError,
+    coredis.exceptions.ClusterDownError,
+    coredis.exceptions.BusyLoadingError,
     TimeoutError,
     OSError,
 )
