@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llm_gateway.providers.anthropic import AnthropicProvider
 from llm_gateway.providers.base import Provider
 from llm_gateway.providers.openai import OpenAIProvider, SelfHostedProvider
 
@@ -10,4 +11,5 @@ def build_providers(default_max_tokens: int) -> dict[str, Provider]:
     return {
         "openai": OpenAIProvider(),
         "self-hosted": SelfHostedProvider(),
+        "anthropic": AnthropicProvider(default_max_tokens),
     }
