@@ -34,6 +34,7 @@ class Settings:
     redis_cluster: bool = False
     dynamodb_table_name: str | None = None
     dynamodb_endpoint_url: str | None = None
+    dynamodb_usage_table_name: str | None = None
     aws_region: str = "us-east-1"
     create_tables: bool = True
     cache_ttl_s: float = 5.0
@@ -53,6 +54,7 @@ class Settings:
     breaker_fail_max: int = 5
     breaker_reset_s: float = 30.0
 
+    usage_queue_max: int = 100_000
     limiter_fail_open: bool = True
     default_max_tokens: int = 4096
     tokenizer_fallback: str = "cl100k_base"
@@ -77,6 +79,7 @@ class Settings:
             redis_cluster=e.get("REDIS_CLUSTER", _bool, False),
             dynamodb_table_name=e.get("DYNAMODB_TABLE_NAME", _non_empty, None),
             dynamodb_endpoint_url=e.get("DYNAMODB_ENDPOINT_URL", _non_empty, None),
+            dynamodb_usage_table_name=e.get("DYNAMODB_USAGE_TABLE_NAME", _non_empty, None),
             aws_region=e.get("AWS_REGION", _non_empty, d.aws_region),
             create_tables=e.get("GATEWAY_CREATE_TABLES", _bool, True),
             cache_ttl_s=e.get("GATEWAY_CACHE_TTL_S", _non_negative_float, 5.0),
@@ -93,12 +96,11 @@ class Settings:
             retry_after_max_s=e.get("GATEWAY_RETRY_AFTER_MAX_S", _non_negative_float, 5.0),
             breaker_fail_max=e.get("GATEWAY_BREAKER_FAIL_MAX", _positive_int, 5),
             breaker_reset_s=e.get("GATEWAY_BREAKER_RESET_S", _positive_float, 30.0),
+            usage_queue_max=e.get("GATEWAY_USAGE_QUEUE_MAX", _positive_int, 100_000),
             limiter_fail_open=e.get("GATEWAY_LIMITER_FAILURE_MODE", _fail_mode, True),
             default_max_tokens=e.get("GATEWAY_DEFAULT_MAX_TOKENS", _positive_int, 4096),
             tokenizer_fallback=e.get("GATEWAY_TOKENIZER_FALLBACK", _encoding, "cl100k_base"),
         )
-        if not settings.embedded_store and settings.admin_api_key is None:
-            raise SettingsError("ADMIN_API_KEY is required when DYNAMODB_TABLE_NAME is set")
         return settings
 
     def with_admin_key(self) -> tuple[Settings, bool]:
@@ -106,6 +108,8 @@ class Settings:
         directory. Returns the settings with the key and whether it was generated just now."""
         if self.admin_api_key is not None:
             return self, False
+        if not self.embedded_store:
+            raise SettingsError("ADMIN_API_KEY is required when DYNAMODB_TABLE_NAME is set")
         path = self.data_dir / "admin_api_key"
         if path.exists():
             return replace(self, admin_api_key=path.read_text().strip()), False

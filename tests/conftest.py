@@ -194,3 +194,33 @@ def redis_process() -> Iterator[RedisServer]:
 def redis() -> Iterator[RedisServer]:
     with redis_process() as server:
         yield server
+
+
+@dataclass
+class Moto:
+    url: str
+    port: int
+
+
+@contextmanager
+def moto_process() -> Iterator[Moto]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with running(cmd, f"{url}/moto-api/", deadline_s=30):
+        yield Moto(url, port)
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[Moto]:
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    with moto_process() as server:
+        yield server
+
+
+def dynamodb_env(moto: Moto, table: str) -> dict[str, str]:
+    return {"DYNAMODB_TABLE_NAME": table, "DYNAMODB_ENDPOINT_URL": moto.url,
+            "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing"}

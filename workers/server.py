@@ -1,34 +1,35 @@
 """The gateway's process tree: Granian's parent, its worker processes, and the usage writer.
 
     llm-gateway serve (parent: Granian)
-    ├── worker 1..N  (GATEWAY_WORKERS, default one per core): BlackSheep app on uvloop
-    └── usage-writer (drains the usage queue into the ledger; started in issue 4's module)
+    ├── worker 1..N   GATEWAY_WORKERS (default one per core): the BlackSheep app on uvloop
+    └── usage-writer  drains the usage queue into the ledger (restarted if it dies)
 
-The parent prepares everything that must exist once (data directory, schema, admin key, the
-tokenizer files) before forking, so workers start fast and agree. SIGTERM: Granian stops
-accepting, lets in-flight requests and streams finish for up to GATEWAY_SHUTDOWN_GRACE_S, then
-the parent exits 0.
+The parent prepares what must exist once (data directory, schema, limiter table, admin key,
+tokenizer files, the usage queue) before forking, so workers start fast and agree. SIGTERM:
+Granian stops accepting, lets in-flight requests and streams finish for up to
+GATEWAY_SHUTDOWN_GRACE_S, joins the workers; then the writer drains the queue and the parent
+exits 0.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import multiprocessing as mp
 import sys
+from typing import TYPE_CHECKING, Any
 
-from blacksheep import Application
-from llm_gateway.app import Gateway, build_app
-from llm_gateway.limits import Limiter
 from llm_gateway.settings import Settings
-from llm_gateway.store.base import Store
-from llm_gateway.store.embedded import EmbeddedStore
 
-log = logging.getLogger("llm_gateway")
+if TYPE_CHECKING:
+    from blacksheep import Application
+    from llm_gateway.limits import Limiter
+    from llm_gateway.store.base import Store
 
 
 def make_store(settings: Settings) -> Store:
     if settings.embedded_store:
+        from llm_gateway.store.embedded import EmbeddedStore
+
         return EmbeddedStore(settings.data_dir)
     from llm_gateway.store.dynamodb import DynamoDBStore
 
@@ -45,28 +46,35 @@ def make_limiter(settings: Settings) -> Limiter | None:
     return EmbeddedLimiter(settings.data_dir)
 
 
-def load_app(settings: Settings, target: str = "") -> Application:
+def load_app(settings: Settings, usage_queue: Any, target: str = "") -> Application:
     """Granian's target loader: runs in each worker and builds that worker's app."""
-    return build_app(Gateway(settings, make_store, make_limiter))
+    from llm_gateway.app import Gateway, build_app
+    from llm_gateway.ledger import QueueSink, Spool
+
+    def make_sink(s: Settings) -> QueueSink:
+        return QueueSink(usage_queue, Spool(s.data_dir), s.usage_queue_max)
+
+    return build_app(Gateway(settings, make_store, make_limiter, make_sink))
 
 
 def prepare(settings: Settings) -> Settings:
     """Run once in the parent, before any worker exists."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings, generated = settings.with_admin_key()
     if settings.embedded_store:
+        from llm_gateway.store.embedded import EmbeddedStore
+
         EmbeddedStore.initialize(settings.data_dir)
     if not settings.redis_addr:
         from llm_gateway.limits.embedded import EmbeddedLimiter
 
         EmbeddedLimiter.reset(settings.data_dir)
-    settings, generated = settings.with_admin_key()
     if generated:
         print(f"Generated ADMIN_API_KEY (kept in {settings.data_dir / 'admin_api_key'}):",
               flush=True)
         print(f"    {settings.admin_api_key}", flush=True)
-    elif settings.embedded_store and settings.admin_api_key:
-        print(f"Admin key: {settings.data_dir / 'admin_api_key'} "
-              "(or the ADMIN_API_KEY you set)", flush=True)
+    elif settings.embedded_store:
+        print(f"Admin key: ADMIN_API_KEY, or {settings.data_dir / 'admin_api_key'}", flush=True)
     from llm_gateway.tokens import warm_up
 
     warm_up()
@@ -77,9 +85,14 @@ def serve(settings: Settings) -> None:
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.log import LogLevels
+    from llm_gateway.workers.usage_writer import WriterSupervisor
 
     mp.set_start_method("fork", force=True)
     settings = prepare(settings)
+    # Unbounded: put() never blocks a worker's event loop (FACTS §3).
+    usage_queue = mp.get_context("fork").Queue()
+    writer = WriterSupervisor(settings, usage_queue)
+    writer.start()
     server = Granian(
         "llm_gateway.workers.server:load_app",
         address=settings.host,
@@ -88,12 +101,20 @@ def serve(settings: Settings) -> None:
         loop=Loops.uvloop,
         workers=settings.workers,
         workers_kill_timeout=max(1, int(settings.shutdown_grace_s)),
-        log_level=LogLevels(settings.log_level.lower()),
         respawn_failed_workers=True,
+        log_level=LogLevels(settings.log_level.lower()),
     )
-    print(f"llm-gateway listening on http://{settings.host}:{settings.port} "
-          f"with {settings.workers} worker(s), store: "
-          f"{'embedded ' + str(settings.data_dir) if settings.embedded_store else 'dynamodb'}",
+
+    @server.on_shutdown
+    def _drain_usage() -> None:  # runs after every worker has been joined
+        writer.stop(timeout_s=60)
+
+    store = ("embedded " + str(settings.data_dir) if settings.embedded_store
+             else f"dynamodb {settings.dynamodb_table_name}")
+    print(f"llm-gateway listening on http://{settings.host}:{settings.port} with "
+          f"{settings.workers} worker(s); store: {store}; limits: "
+          f"{'redis ' + settings.redis_addr if settings.redis_addr else 'embedded'}",
           flush=True)
-    server.serve(target_loader=functools.partial(load_app, settings))
+    server.serve(target_loader=functools.partial(load_app, settings, usage_queue))
+    print("llm-gateway stopped", flush=True)
     sys.exit(0)

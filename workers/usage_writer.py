@@ -1,0 +1,151 @@
+"""The usage writer: one process that drains the usage queue into the ledger.
+
+It ignores SIGINT and SIGTERM (a Ctrl-C or a rolling deploy signals the whole process group):
+only the sentinel that the parent puts on the queue after every worker has exited stops it, so
+it always drains what the workers produced. The parent restarts it if it dies; records it had
+in hands are in the spool and are written by its successor.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue as queue_mod
+import signal
+import threading
+import time
+from typing import Any
+
+import uvloop
+from llm_gateway.ledger import Spool
+from llm_gateway.settings import Settings
+
+log = logging.getLogger("llm_gateway.usage_writer")
+STOP = None  # the sentinel
+BATCH = 500
+
+
+def writer_main(settings: Settings, q: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from llm_gateway.workers.server import make_store
+
+    loop = uvloop.new_event_loop()
+    store = make_store(settings)
+    loop.run_until_complete(store.start())
+    spool = Spool(settings.data_dir)
+    failures, retry_at, stopping = 0, 0.0, False
+    try:
+        while True:
+            batch, stopping = _take(q, stopping)
+            if batch:
+                spool.write(batch)
+            if time.monotonic() >= retry_at:
+                for path in spool.pending():
+                    try:
+                        loop.run_until_complete(store.write_usage(spool.read(path)))
+                    except Exception as exc:
+                        failures += 1
+                        retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** failures)
+                        log.warning("usage ledger unavailable (%s): records stay spooled",
+                                    type(exc).__name__)
+                        break
+                    spool.remove(path)
+                    failures = 0
+            if stopping and _empty(q):
+                _final_flush(loop, store, spool)
+                return
+    finally:
+        loop.run_until_complete(store.aclose())
+        loop.close()
+
+
+def _take(q: Any, stopping: bool) -> tuple[list[dict[str, Any]], bool]:
+    batch: list[dict[str, Any]] = []
+    try:
+        item = q.get(timeout=0.2)
+    except queue_mod.Empty:
+        return batch, stopping
+    while True:
+        if item is STOP:
+            stopping = True
+        else:
+            batch.append(item)
+        if len(batch) >= BATCH:
+            return batch, stopping
+        try:
+            item = q.get_nowait()
+        except queue_mod.Empty:
+            return batch, stopping
+
+
+def _empty(q: Any) -> bool:
+    try:
+        return bool(q.empty())
+    except OSError:
+        return True
+
+
+def _final_flush(loop: Any, store: Any, spool: Spool, budget_s: float = 10.0) -> None:
+    """At shutdown: try to write what is spooled; what cannot be written stays for next start."""
+    deadline = time.monotonic() + budget_s
+    for path in spool.pending():
+        if time.monotonic() > deadline:
+            return
+        try:
+            loop.run_until_complete(store.write_usage(spool.read(path)))
+        except Exception:
+            return
+        spool.remove(path)
+
+
+def _release_read_lock(q: Any) -> None:
+    """A writer killed inside `get()` dies holding the queue's read lock, and its successor
+    would never read again. The writer is the queue's only reader, so once it is dead a held
+    lock can only be that stale one: free it."""
+    lock = q._rlock
+    lock.acquire(False)  # takes the free lock, or finds it held by the dead writer
+    lock.release()
+
+
+class WriterSupervisor:
+    """Runs the writer in the parent's process tree and restarts it if it dies."""
+
+    def __init__(self, settings: Settings, q: Any) -> None:
+        self._settings = settings
+        self._q = q
+        self._stopping = False
+        self._proc: mp.process.BaseProcess | None = None
+        self._thread = threading.Thread(target=self._watch, name="usage-writer-supervisor",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self._proc = mp.get_context("fork").Process(
+            target=writer_main, args=(self._settings, self._q), name="usage-writer")
+        self._proc.start()
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            assert self._proc is not None
+            self._proc.join(0.5)
+            if self._proc.exitcode is not None and not self._stopping:
+                log.warning("usage writer exited with %s; restarting it", self._proc.exitcode)
+                _release_read_lock(self._q)
+                self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self, timeout_s: float) -> None:
+        """After every worker has exited: let the writer drain the queue, then stop."""
+        self._stopping = True
+        self._q.put(STOP)
+        assert self._proc is not None
+        self._proc.join(timeout_s)
+        if self._proc.exitcode is None:
+            self._proc.kill()
