@@ -7,6 +7,7 @@ on a distributed one.
 
 from __future__ import annotations
 
+import time
 from typing import Generic, TypeVar
 
 from llm_gateway.domain import ApiKey, Route, Tenant
@@ -14,6 +15,8 @@ from llm_gateway.store.base import Store
 
 V = TypeVar("V")
 _MAX_ENTRIES = 50_000
+# One store generation check serves the key and route lookups of one request.
+_RECHECK_S = 0.0005
 
 
 class _Cache(Generic[V]):
@@ -31,11 +34,16 @@ class Catalog:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._generation = -1
+        self._checked_at = -1.0
         self._keys: _Cache[tuple[ApiKey, Tenant]] = _Cache()
         self._routes: _Cache[Route] = _Cache()
         self._route_list: list[Route] | None = None
 
     def _fresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < _RECHECK_S:
+            return  # checked a moment ago, by this same request
+        self._checked_at = now
         gen = self._store.generation()
         if gen != self._generation:
             self._generation = gen

@@ -132,7 +132,8 @@ def _noop() -> None:
 def _finish(svc: Services, call: Call) -> None:
     """Settle the limits with what was really used and hand over the usage record: once per
     request, off the response's critical path."""
-    if not call.usage.reported:
+    if not call.usage.reported and call.status in (200, CLIENT_CLOSED) and call.target:
+        # The upstream reported nothing (a self-hosted server, a cut stream): count it here.
         if not call.prompt_tokens:
             call.prompt_tokens = count_prompt_tokens(call.body, call.encoding)
         call.usage.input_tokens = call.prompt_tokens

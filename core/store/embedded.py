@@ -30,6 +30,7 @@ from llm_gateway.store.codec import (
     tenant_to_row,
 )
 
+LEDGER_FILE = "usage.sqlite3"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     tenant_id TEXT PRIMARY KEY,
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS routes (
     name TEXT PRIMARY KEY,
     body BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS usage (
+CREATE TABLE IF NOT EXISTS ledger.usage (
     request_id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,
     started_at REAL NOT NULL,
@@ -56,14 +57,18 @@ CREATE TABLE IF NOT EXISTS usage (
     cost REAL NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS usage_by_tenant_time ON usage (tenant_id, started_at, request_id);
+CREATE INDEX IF NOT EXISTS ledger.usage_by_tenant_time ON usage (tenant_id, started_at, request_id);
 """
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """The usage ledger is a database of its own (attached as `ledger`): its constant writes
+    must not move the main database's data_version, which invalidates the workers' caches."""
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("ATTACH DATABASE ? AS ledger", (str(path.with_name(LEDGER_FILE)),))
+    for schema in ("main", "ledger"):
+        conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
+        conn.execute(f"PRAGMA {schema}.synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
 
@@ -125,7 +130,7 @@ class EmbeddedStore:
         self._r.execute("SELECT 1").fetchone()
 
     def generation(self) -> int:
-        row = self._r.execute("PRAGMA data_version").fetchone()
+        row = self._r.execute("PRAGMA main.data_version").fetchone()
         return int(row[0])
 
     async def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
@@ -257,7 +262,7 @@ class EmbeddedStore:
 
         def tx(c: sqlite3.Connection) -> None:
             # INSERT OR IGNORE: a replayed record (same request_id) is never counted twice.
-            c.executemany("INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            c.executemany("INSERT OR IGNORE INTO ledger.usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
         await self._write(tx)
 
@@ -277,7 +282,7 @@ class EmbeddedStore:
             args.append(model)
         totals_row = self._r.execute(
             "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
-            f" COALESCE(SUM(cost), 0) FROM usage WHERE {where}",
+            f" COALESCE(SUM(cost), 0) FROM ledger.usage WHERE {where}",
             args,
         ).fetchone()
         page_where, page_args = where, list(args)
@@ -286,7 +291,7 @@ class EmbeddedStore:
             page_where += " AND (started_at, request_id) > (?, ?)"
             page_args += [after_t, after_id]
         rows = self._r.execute(
-            f"SELECT body, started_at, request_id FROM usage WHERE {page_where}"
+            f"SELECT body, started_at, request_id FROM ledger.usage WHERE {page_where}"
             " ORDER BY started_at, request_id LIMIT ?",
             [*page_args, limit + 1],
         ).fetchall()
