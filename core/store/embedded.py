@@ -262,7 +262,9 @@ class EmbeddedStore:
 
         def tx(c: sqlite3.Connection) -> None:
             # INSERT OR IGNORE: a replayed record (same request_id) is never counted twice.
-            c.executemany("INSERT OR IGNORE INTO ledger.usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            c.executemany(
+                "INSERT OR IGNORE INTO ledger.usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
 
         await self._write(tx)
 
