@@ -45,9 +45,11 @@ class Spool:
         return path
 
     def pending(self) -> list[Path]:
-        """Batch files oldest first. A `.tmp` left by a writer killed mid-write holds records it
-        had taken; its complete lines are replayed too (the torn last one cannot be)."""
-        return sorted((p for p in self.dir.iterdir() if p.suffix in (".jsonl", ".tmp")),
+        """Batch files oldest first. A `.tmp` left by a process killed mid-write holds records
+        it had taken; its complete lines are replayed too (the torn last one cannot be). A
+        `.tmp` whose process lives is being written right now (a worker's spill): not yet."""
+        return sorted((p for p in self.dir.iterdir()
+                       if p.suffix == ".jsonl" or (p.suffix == ".tmp" and _orphaned(p))),
                       key=lambda p: p.name)
 
     @staticmethod
@@ -65,6 +67,23 @@ class Spool:
 
     def count(self) -> int:
         return sum(len(p.read_bytes().splitlines()) for p in self.pending())
+
+
+def _orphaned(tmp: Path) -> bool:
+    """Whether the process named in the file (`<ns>-<origin>-<pid>.tmp`) is gone."""
+    try:
+        pid = int(tmp.stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True  # the caller is single-threaded: its own file is never half-written now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class QueueSink:

@@ -8,12 +8,15 @@ in hands are in the spool and are written by its successor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -28,36 +31,52 @@ BATCH = 500
 def writer_main(settings: Settings, q: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _name_process("usage-writer")
     from llm_gateway.workers.server import make_store
 
     loop = uvloop.new_event_loop()
     store = make_store(settings)
-    loop.run_until_complete(store.start())
+    started = False
     spool = Spool(settings.data_dir)
+    parent = os.getppid()
     failures, retry_at, stopping = 0, 0.0, False
     try:
         while True:
             batch, stopping = _take(q, stopping)
             if batch:
                 spool.write(batch)
+            if os.getppid() != parent:
+                stopping = True  # orphaned: drain what is queued, then go
             if time.monotonic() >= retry_at:
-                for path in spool.pending():
-                    try:
+                try:
+                    if not started:
+                        # Started here, not before the loop: with the store down the writer
+                        # keeps spooling what it takes off the queue while it retries.
+                        loop.run_until_complete(store.start())
+                        started = True
+                    for path in spool.pending():
                         loop.run_until_complete(store.write_usage(spool.read(path)))
-                    except Exception as exc:
-                        failures += 1
-                        retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** failures)
-                        log.warning("usage ledger unavailable (%s): records stay spooled",
-                                    type(exc).__name__)
-                        break
-                    spool.remove(path)
-                    failures = 0
+                        spool.remove(path)
+                        failures = 0
+                except Exception as exc:
+                    failures += 1
+                    retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** failures)
+                    log.warning("usage ledger unavailable (%s): records stay spooled",
+                                type(exc).__name__)
             if stopping and _empty(q):
-                _final_flush(loop, store, spool)
+                if started:
+                    _final_flush(loop, store, spool)
                 return
     finally:
-        loop.run_until_complete(store.aclose())
+        if started:
+            loop.run_until_complete(store.aclose())
         loop.close()
+
+
+def _name_process(name: str) -> None:
+    """Show the writer as `usage-writer` in ps/top (a fork otherwise looks like the parent)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name)
 
 
 def _take(q: Any, stopping: bool) -> tuple[list[dict[str, Any]], bool]:
