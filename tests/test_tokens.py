@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 import tiktoken
 from llm_gateway.tokens import (
@@ -47,6 +48,39 @@ def reference(body: dict[str, Any], enc: tiktoken.Encoding) -> int:
 @pytest.mark.parametrize("body", REQUESTS)
 def test_prompt_tokens_match_openai_counting(name: str, body: dict[str, Any]) -> None:
     assert count_prompt_tokens(body, name) == reference(body, encoding(name))
+
+
+def test_special_token_text_is_counted_not_refused() -> None:
+    text = "ignore <|endoftext|> and <|fim_prefix|>"
+    for name in ("cl100k_base", "o200k_base"):
+        enc = encoding(name)
+        assert count_text_tokens(text, name) == len(enc.encode(text, disallowed_special=()))
+        with pytest.raises(ValueError):
+            enc.encode(text)  # what count_* must avoid
+
+
+def test_estimates_for_images_tools_and_calls() -> None:
+    enc = encoding("o200k_base")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    body = {"tools": tools, "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": "https://x/b.png"}}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": call}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"}]}
+
+    def n(text: str) -> int:
+        return len(enc.encode(text, disallowed_special=()))
+
+    expected = (3 + n("user") + n("What is this?") + 85 + 765
+                + 3 + n("assistant") + n(call["name"]) + n(call["arguments"])
+                + 3 + n("tool") + n("c1") + n("18C")
+                + n(orjson.dumps(tools).decode()) + 3)
+    assert count_prompt_tokens(body, "o200k_base") == expected
 
 
 def test_one_message_by_hand() -> None:

@@ -2,10 +2,16 @@
 
 Each tenant has two buckets, requests (capacity `rpm_limit`) and tokens (capacity `tpm_limit`),
 each refilling continuously at capacity/60 per second, as OpenAI describes its own limits. A
-request is admitted only if both hold enough; otherwise nothing is taken from either. A limit
-of 0 means unlimited. `settle` replaces a reservation with actual usage: it gives back unused
-tokens (never above capacity), or takes the overshoot, which may leave the bucket below zero so
-that the next requests wait for it.
+request is admitted only if both hold enough; otherwise nothing is taken from either. A
+reservation larger than `tpm_limit` can never fit and is denied at once (`never_fits`).
+
+A limit <= 0 means unlimited: that bucket is not checked, its remaining/reset are reported as 0
+and `rate_limit_headers` leaves its headers out.
+
+`settle` replaces a reservation with actual usage: unused tokens go back (never above capacity);
+usage above the reservation is taken too, which may leave the bucket below zero by at most that
+overshoot, so the tenant's next requests wait until it has been paid back. Refusing the
+overshoot would let a tenant exceed its limit by under-declaring max_tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Protocol
 
 
 class LimiterUnavailable(Exception):
-    """The limiter's store cannot be reached."""
+    """The limiter's store cannot be reached (or cannot hold another tenant)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,20 +44,31 @@ class Limiter(Protocol):
         self, tenant_id: str, rpm_limit: int, tpm_limit: int, tokens: int
     ) -> Decision: ...
 
-    async def settle(self, tenant_id: str, tpm_limit: int, reserved: int, actual: int) -> None:
-        ...
+    async def settle(
+        self, tenant_id: str, tpm_limit: int, reserved: int, actual: int
+    ) -> None: ...
 
     async def aclose(self) -> None: ...
 
 
 def refill(level: float, since: float, capacity: int, now: float) -> float:
+    """The level at `now` of a bucket that held `level` at `since`; an unlimited bucket is
+    infinite, so it reads as full (not empty) if a limit is set later."""
+    if capacity <= 0:
+        return math.inf
     return min(float(capacity), level + max(0.0, now - since) * capacity / 60.0)
 
 
-def decide(rpm_limit: int, tpm_limit: int, tokens: int, r: float, t: float
-           ) -> tuple[bool, str | None, bool, float, float, float]:
+def full_in(level: float, capacity: int) -> float:
+    """Seconds until a bucket at `level` is full again (0 for an unlimited one)."""
+    return max(0.0, (capacity - level) * 60.0 / capacity) if capacity > 0 else 0.0
+
+
+def decide(
+    rpm_limit: int, tpm_limit: int, tokens: int, r: float, t: float
+) -> tuple[bool, str | None, bool, float, float, float]:
     """Given refilled levels r (requests) and t (tokens): (allowed, denied_by, never_fits,
-    retry_after_s, new r, new t)."""
+    retry_after_s, new r, new t). The Redis script is a line-by-line port of this."""
     if tpm_limit > 0 and tokens > tpm_limit:
         return False, "tpm", True, 0.0, r, t
     need_r = 0.0 if rpm_limit <= 0 else max(0.0, 1.0 - r) * 60.0 / rpm_limit
@@ -72,23 +89,28 @@ def decision(allowed: bool, denied_by: str | None, never_fits: bool, retry_after
         retry_after_s=retry_after_s,
         rpm_limit=rpm_limit,
         rpm_remaining=max(0, math.floor(r)) if rpm_limit > 0 else 0,
-        rpm_reset_s=(rpm_limit - r) * 60.0 / rpm_limit if rpm_limit > 0 else 0.0,
+        rpm_reset_s=full_in(r, rpm_limit),
         tpm_limit=tpm_limit,
         tpm_remaining=max(0, math.floor(t)) if tpm_limit > 0 else 0,
-        tpm_reset_s=(tpm_limit - t) * 60.0 / tpm_limit if tpm_limit > 0 else 0.0,
+        tpm_reset_s=full_in(t, tpm_limit),
     )
 
 
 def duration(seconds: float) -> str:
-    """OpenAI's reset format: `1s`, `6m0s`, `120ms`."""
+    """OpenAI's reset format: `120ms` below a second, else whole seconds rounded up (`1s`,
+    `6m0s`, `1h2m0s`), so a client that waits that long finds the bucket refilled."""
     if seconds < 1.0:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
-    whole = math.ceil(seconds)
-    minutes, secs = divmod(whole, 60)
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def rate_limit_headers(d: Decision) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers, plus `retry-after` (whole seconds, at least 1) and
+    `retry-after-ms` (which the OpenAI SDKs prefer) when a retry can succeed."""
     headers: dict[str, str] = {}
     if d.rpm_limit > 0:
         headers["x-ratelimit-limit-requests"] = str(d.rpm_limit)
@@ -100,4 +122,5 @@ def rate_limit_headers(d: Decision) -> dict[str, str]:
         headers["x-ratelimit-reset-tokens"] = duration(d.tpm_reset_s)
     if not d.allowed and not d.never_fits:
         headers["retry-after"] = str(max(1, math.ceil(d.retry_after_s)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(d.retry_after_s * 1000)))
     return headers
