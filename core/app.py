@@ -4,11 +4,13 @@ where errors become HTTP responses."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import HTTPException
 from llm_gateway import admin
+from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
@@ -57,6 +59,14 @@ async def readyz(svc: Services, request: Request, rid: str) -> Response:
     return admin.json_response({"status": "ready", "circuit_breakers": svc.breakers.states()})
 
 
+async def metrics(svc: Services, request: Request, rid: str) -> Response:
+    """Prometheus exposition, the same whichever worker answers (multiprocess mode)."""
+    if not obs.metrics_enabled():
+        raise NotFound("Metrics are turned off (GATEWAY_METRICS=false).", code="unknown_url")
+    content_type, body = await obs.render_metrics(svc.usage.depth())
+    return Response(200, None, Content(content_type, body))
+
+
 async def list_models(svc: Services, request: Request, rid: str) -> Response:
     _, tenant = await authenticate(svc.catalog, request)
     routes = [r for r in await svc.catalog.routes() if tenant.may_use(r.name)]
@@ -102,6 +112,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/models/:model", get_model),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
     ("POST", "/admin/tenants", _admin(admin.create_tenant)),
     ("GET", "/admin/tenants", _admin(admin.list_tenants)),
     ("GET", "/admin/tenants/:tenant_id", _admin(admin.get_tenant)),
@@ -134,6 +145,7 @@ class Gateway:
 
     async def start(self, app: Application) -> None:
         s = self.settings
+        obs.configure(s)
         store = self._make_store(s)
         await store.start()
         upstream = UpstreamClient(s)
@@ -151,15 +163,19 @@ class Gateway:
             usage=self._make_sink(s),
             breakers=Breakers(s.breaker_fail_max, s.breaker_reset_s),
         )
+        log.info("worker started", extra={"fields": {"pid": os.getpid()}})
 
     async def stop(self, app: Application) -> None:
         svc = self.services
-        if svc is None:
-            return
-        await svc.upstream.aclose()
-        if svc.limiter is not None:
-            await svc.limiter.aclose()
-        await svc.store.aclose()
+        try:
+            if svc is not None:
+                await svc.upstream.aclose()
+                if svc.limiter is not None:
+                    await svc.limiter.aclose()
+                await svc.store.aclose()
+        finally:
+            obs.shutdown()
+            log.info("worker stopped", extra={"fields": {"pid": os.getpid()}})
 
     def wrap(self, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:

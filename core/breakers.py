@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pybreaker
+from llm_gateway import observability as obs
 from llm_gateway.errors import GatewayError
 
 STATE_VALUE = {"closed": 0, "half-open": 1, "open": 2}
@@ -22,6 +23,17 @@ def _not_a_target_failure(exc: BaseException) -> bool:
     return not (isinstance(exc, GatewayError) and exc.retryable and exc.status != 429)
 
 
+class _StateGauge(pybreaker.CircuitBreakerListener):
+    """Keeps `llm_gateway_circuit_state{target}` in step with the breaker."""
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object,
+                     new_state: pybreaker.CircuitBreakerState) -> None:
+        obs.circuit_state(str(cb.name), STATE_VALUE.get(new_state.name, 0))
+
+
+_STATE_GAUGE = _StateGauge()
+
+
 class TargetBreaker:
     def __init__(self, name: str, fail_max: int, reset_s: float) -> None:
         self._cb = pybreaker.CircuitBreaker(
@@ -30,8 +42,10 @@ class TargetBreaker:
             exclude=[_not_a_target_failure],
             throw_new_error_on_trip=False,
             name=name,
+            listeners=[_STATE_GAUGE],
         )
         self._probing = False
+        obs.circuit_state(name, STATE_VALUE["closed"])
 
     @property
     def state(self) -> str:

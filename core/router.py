@@ -81,6 +81,7 @@ async def open_upstream(svc: Services, call: Call) -> Opened:
             continue
         breaker = svc.breakers.for_target(target.name)
         if not breaker.available():
+            obs.attempt_skipped(call, target, "circuit_open")
             last = _circuit_open(target)
             continue
         try:

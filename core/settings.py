@@ -59,6 +59,16 @@ class Settings:
     default_max_tokens: int = 4096
     tokenizer_fallback: str = "cl100k_base"
 
+    metrics_enabled: bool = True
+    # Traces are exported only when an OTLP endpoint is configured; the OTel SDK reads the
+    # OTEL_* variables (endpoint, headers, sampler, batch delays) itself.
+    tracing_enabled: bool = False
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Prometheus' multiprocess directory: per port, so two gateways can share a data dir."""
+        return self.data_dir / f"prometheus-{self.port}"
+
     @property
     def embedded_store(self) -> bool:
         return self.dynamodb_table_name is None
@@ -100,6 +110,9 @@ class Settings:
             limiter_fail_open=e.get("GATEWAY_LIMITER_FAILURE_MODE", _fail_mode, True),
             default_max_tokens=e.get("GATEWAY_DEFAULT_MAX_TOKENS", _positive_int, 4096),
             tokenizer_fallback=e.get("GATEWAY_TOKENIZER_FALLBACK", _encoding, "cl100k_base"),
+            metrics_enabled=e.get("GATEWAY_METRICS", _bool, True),
+            tracing_enabled=bool(e.get("OTEL_EXPORTER_OTLP_ENDPOINT", _non_empty, "")
+                                 or e.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", _non_empty, "")),
         )
         return settings
 

@@ -4,17 +4,19 @@ clients for the admin API. Every process is waited on through its health endpoin
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
 
-from tests.procs import free_port, running
+from tests.procs import free_port, read_output, running
 
 ADMIN_KEY = "sk-admin-test-0123456789"
 
@@ -63,6 +65,13 @@ class Gateway:
     data_dir: Path
     admin_key: str = ADMIN_KEY
     env: dict[str, str] = field(default_factory=dict)
+    output_file: IO[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        """Everything the gateway's processes have written to stdout and stderr so far."""
+        assert self.output_file is not None
+        return read_output(self.output_file)
 
     @property
     def base_url(self) -> str:
@@ -107,8 +116,9 @@ def gateway_process(data_dir: Path, **env: str) -> Iterator[Gateway]:
     full_env = gateway_env(data_dir, port, **env)
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "llm_gateway", "serve"]
-    with running(cmd, f"{url}/readyz", env=full_env, deadline_s=30):
-        yield Gateway(url, data_dir, full_env["ADMIN_API_KEY"] or ADMIN_KEY, full_env)
+    with tempfile.TemporaryFile() as out, \
+            running(cmd, f"{url}/readyz", env=full_env, deadline_s=30, output=out) as proc:
+        yield Gateway(url, data_dir, full_env["ADMIN_API_KEY"] or ADMIN_KEY, full_env, out, proc)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -40,9 +41,11 @@ def running(
     *,
     deadline_s: float = 15.0,
     env: dict[str, str] | None = None,
+    output: IO[bytes] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `command` until the block ends; enter only once `health_url` answers 200."""
-    with tempfile.TemporaryFile() as log:
+    """Run `command` until the block ends; enter only once `health_url` answers 200. Its
+    stdout and stderr go to `output` (read it with `read_output`), or to a private temp file."""
+    with contextlib.nullcontext(output) if output is not None else tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             list(command),
             stdout=log,
@@ -59,6 +62,13 @@ def running(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def read_output(f: IO[bytes]) -> str:
+    """What a process wrote to `f` so far. pread: the child shares the file offset, so a seek
+    here would move where it writes next."""
+    fd = f.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
 
 def _wait_healthy(

@@ -14,6 +14,7 @@ exits 0.
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing as mp
 import sys
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from blacksheep import Application
     from llm_gateway.limits import Limiter
     from llm_gateway.store.base import Store
+
+log = logging.getLogger("llm_gateway")
 
 
 def make_store(settings: Settings) -> Store:
@@ -74,7 +77,8 @@ def prepare(settings: Settings) -> Settings:
               flush=True)
         print(f"    {settings.admin_api_key}", flush=True)
     elif settings.embedded_store:
-        print(f"Admin key: ADMIN_API_KEY, or {settings.data_dir / 'admin_api_key'}", flush=True)
+        log.info("admin key: ADMIN_API_KEY, or the file",
+                 extra={"fields": {"path": str(settings.data_dir / "admin_api_key")}})
     from llm_gateway.tokens import warm_up
 
     warm_up()
@@ -85,9 +89,13 @@ def serve(settings: Settings) -> None:
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.log import LogLevels
+    from llm_gateway import logs
+    from llm_gateway import observability as obs
     from llm_gateway.workers.usage_writer import WriterSupervisor
 
     mp.set_start_method("fork", force=True)
+    logs.setup(settings.log_level)
+    obs.prepare_parent(settings)  # before anything forks, and before prometheus_client loads
     settings = prepare(settings)
     # Unbounded: put() never blocks a worker's event loop (FACTS §3).
     usage_queue = mp.get_context("fork").Queue()
@@ -103,6 +111,7 @@ def serve(settings: Settings) -> None:
         workers_kill_timeout=max(1, int(settings.shutdown_grace_s)),
         respawn_failed_workers=True,
         log_level=LogLevels(settings.log_level.lower()),
+        log_dictconfig=logs.dict_config(settings.log_level),
     )
 
     @server.on_shutdown
@@ -111,10 +120,11 @@ def serve(settings: Settings) -> None:
 
     store = ("embedded " + str(settings.data_dir) if settings.embedded_store
              else f"dynamodb {settings.dynamodb_table_name}")
-    print(f"llm-gateway listening on http://{settings.host}:{settings.port} with "
-          f"{settings.workers} worker(s); store: {store}; limits: "
-          f"{'redis ' + settings.redis_addr if settings.redis_addr else 'embedded'}",
-          flush=True)
+    log.info("llm-gateway starting", extra={"fields": {
+        "url": f"http://{settings.host}:{settings.port}", "workers": settings.workers,
+        "store": store, "limits": "redis " + settings.redis_addr if settings.redis_addr
+        else "embedded", "metrics": settings.metrics_enabled,
+        "tracing": settings.tracing_enabled}})
     server.serve(target_loader=functools.partial(load_app, settings, usage_queue))
-    print("llm-gateway stopped", flush=True)
+    log.info("llm-gateway stopped")
     sys.exit(0)
