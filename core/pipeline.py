@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 from blacksheep import Content, Request, Response
 from blacksheep.exceptions import MessageAborted
@@ -36,6 +37,7 @@ CLIENT_CLOSED = 499
 async def chat_completions(
     svc: Services, request: Request, request_id: str, client_id: str | None
 ) -> Response:
+    t0 = time.perf_counter()
     trace = obs.start_request(request, request_id)
     tenant: Tenant | None = None
     model = ""
@@ -61,7 +63,7 @@ async def chat_completions(
         raise
     call = Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
                 key_id=key.key_id, model=model, body=body, raw=raw,
-                stream=body.get("stream") is True, route=route, trace=trace)
+                stream=body.get("stream") is True, route=route, trace=trace, t0=t0)
     try:
         with trace.child("limiter"):
             await limiting.reserve(svc, call)

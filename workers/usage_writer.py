@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from llm_gateway import observability as obs
 from llm_gateway.ledger import Spool
 from llm_gateway.settings import Settings
 
@@ -34,10 +35,12 @@ def writer_main(settings: Settings, q: Any) -> None:
     _name_process("usage-writer")
     from llm_gateway.workers.server import make_store
 
+    obs.configure(settings, tracing=False)
     loop = uvloop.new_event_loop()
     store = make_store(settings)
     started = False
     spool = Spool(settings.data_dir)
+    reported_at = 0.0
     parent = os.getppid()
     failures, retry_at, stopping = 0, 0.0, False
     try:
@@ -45,6 +48,10 @@ def writer_main(settings: Settings, q: Any) -> None:
             batch, stopping = _take(q, stopping)
             if batch:
                 spool.write(batch)
+            if time.monotonic() - reported_at >= 1.0:
+                reported_at = time.monotonic()
+                obs.set_usage_queue_depth(_depth(q))
+                obs.set_spooled_records(spool.count())
             if os.getppid() != parent:
                 stopping = True  # orphaned: drain what is queued, then go
             if time.monotonic() >= retry_at:
@@ -96,6 +103,13 @@ def _take(q: Any, stopping: bool) -> tuple[list[dict[str, Any]], bool]:
             item = q.get_nowait()
         except queue_mod.Empty:
             return batch, stopping
+
+
+def _depth(q: Any) -> int:
+    try:
+        return int(q.qsize())
+    except (OSError, NotImplementedError):
+        return 0
 
 
 def _empty(q: Any) -> bool:
