@@ -46,7 +46,8 @@ IAM_ACTIONS: tuple[str, ...] = (
     "dynamodb:DeleteItem",
     "dynamodb:Query",
     "dynamodb:BatchWriteItem",
-    "dynamodb:TransactWriteItems",
+    # TransactWriteItems (tenant creation, key rotation) is authorized by its items' actions:
+    # PutItem and ConditionCheckItem. It is not an IAM action of its own.
     "dynamodb:ConditionCheckItem",
 )
 # What a gateway with GATEWAY_CREATE_TABLES=false calls (tables made by `init-dynamodb` or
