@@ -12,6 +12,7 @@ failover is still invisible to the client; after it, never.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Sequence
@@ -105,21 +106,36 @@ def _circuit_open(target: Target) -> ServiceUnavailable:
 async def _on_target(svc: Services, call: Call, provider: Provider, target: Target,
                      breaker: TargetBreaker, deadline: float) -> Opened:
     s = svc.settings
+    try:
+        return await _guarded(svc, call, provider, target, breaker)
+    except GatewayError as exc:
+        if s.retries_per_target == 0 or not _may_retry(exc, s, call, deadline):
+            raise
+        first_failure = exc
+    # Only a failure pays for the retry machinery: the happy path is one plain attempt.
+    wait = _Wait(s)
+    await asyncio.sleep(wait.after(first_failure, attempt=1))
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(1 + s.retries_per_target),
-        wait=_Wait(s),
+        stop=stop_after_attempt(s.retries_per_target),
+        wait=wait,
         retry=retry_if_exception(lambda e: _may_retry(e, s, call, deadline)),
         reraise=True,
     )
     async for attempt in retrying:
         with attempt:
-            call.target = target
-            call.attempts += 1
-            with breaker.attempt(), obs.attempt_span(call, target) as span:
-                opened = await _attempt(svc, provider, target, call)
-                span.outcome = "success"
-                return opened
+            return await _guarded(svc, call, provider, target, breaker)
     raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+async def _guarded(svc: Services, call: Call, provider: Provider, target: Target,
+                   breaker: TargetBreaker) -> Opened:
+    """One attempt, under the target's breaker and in its own span."""
+    call.target = target
+    call.attempts += 1
+    with breaker.attempt(), obs.attempt_span(call, target) as span:
+        opened = await _attempt(svc, provider, target, call)
+        span.outcome = "success"
+        return opened
 
 
 def _may_retry(exc: BaseException, s: Settings, call: Call, deadline: float) -> bool:
@@ -149,10 +165,18 @@ class _Wait:
         self._backoff = wait_exponential_jitter(multiplier=s.retry_backoff_s, max=2.0,
                                                 jitter=s.retry_backoff_s)
 
+    def after(self, exc: BaseException | None, attempt: int) -> float:
+        after = retry_after_s(exc) if exc else None
+        if after is not None:
+            return after
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        return float(self._backoff(state))
+
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        after = retry_after_s(exc) if exc else None
-        return after if after is not None else float(self._backoff(state))
+        # tenacity's attempts here are the retries after the first, plain attempt.
+        return self.after(exc, state.attempt_number + 1)
 
 
 async def _attempt(svc: Services, provider: Provider, target: Target, call: Call) -> Opened:
