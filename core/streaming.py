@@ -49,6 +49,8 @@ def relay_stream(
                 if out:
                     yield out
             yield translator.finish()
+            if translator.error is not None:  # the upstream failed inside the stream
+                call.status, call.error = translator.error.status, translator.error
         except GatewayError as exc:
             if watcher.disconnected:
                 call.status = CLIENT_CLOSED

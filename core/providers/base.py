@@ -28,8 +28,11 @@ class StreamTranslator(Protocol):
     returns the bytes to send to the client now (possibly empty). `finish` is called once when
     the upstream ended normally and returns the tail (always ending with `data: [DONE]`).
     `usage()` gives the usage the upstream reported, or counts what was generated so far when
-    it reported none (also after a cut-off stream).
+    it reported none (also after a cut-off stream). `error` is set when the upstream sent an
+    error inside the stream (already relayed to the client as an error event).
     """
+
+    error: GatewayError | None
 
     def feed(self, chunk: bytes) -> bytes: ...
 

@@ -18,7 +18,6 @@ from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import (
     GatewayError,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     RateLimited,
     ServiceUnavailable,
@@ -113,6 +112,7 @@ class OpenAIStream:
         self._usage: Usage | None = None
         self._id: str | None = None
         self._created = 0
+        self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         buf = self._pending + chunk if self._pending else chunk
@@ -200,11 +200,13 @@ def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> Ga
         return RateLimited(upstream, code="upstream_rate_limited", headers=retry_after,
                            retryable=True)
     if status in (401, 403):
-        # The client's gateway key was fine; the gateway's key for the upstream was not.
+        # The client's gateway key was fine; the gateway's key for this target was not, so
+        # another target may still serve the request.
         return UpstreamError("the upstream provider rejected the gateway's credentials",
-                             code="upstream_authentication_error")
+                             code="upstream_authentication_error", retryable=True)
     if status == 404:
-        return NotFound(upstream, code=code or "model_not_found", param=param)
+        # The client's model exists in the gateway: a 404 points at the target's configuration.
+        return UpstreamError(upstream, code="upstream_model_not_found", retryable=True)
     if status == 413:
         return PayloadTooLarge(upstream)
     if 400 <= status < 500:
