@@ -19,7 +19,8 @@ test: install
 lint: install
     {{venv}}/bin/ruff check .
 
-# Benchmarks: k6 scenarios against the gateway and the upstream floor, same run.
-perf: install
+# Benchmarks: k6 scenarios against the gateway, the bare stack and the upstream, same run.
+# Flags pass through: `just perf --quick`, `just perf --scenarios stream-32 --soak 600`.
+perf *args: install
     {{py}} -m pip install -q -e '.[test,perf]'
-    {{py}} perf/run.py
+    {{py}} perf/run.py {{args}}

@@ -110,6 +110,9 @@ def serve(settings: Settings) -> None:
         workers=settings.workers,
         workers_kill_timeout=max(1, int(settings.shutdown_grace_s)),
         respawn_failed_workers=True,
+        # Granian's default backlog (1024) caps each worker at backlog/workers connections in
+        # flight; long-lived streams need far more (1,000 slow streams stalled with it).
+        backlog=4096,
         log_level=LogLevels(settings.log_level.lower()),
         log_dictconfig=logs.dict_config(settings.log_level),
     )
