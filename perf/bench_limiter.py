@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
+import os
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,35 +25,17 @@ from typing import Any
 from llm_gateway.limits.embedded import EmbeddedLimiter
 from llm_gateway.limits.redis import RedisLimiter
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests.conftest import redis_process
+
 TENANTS = [f"tenant-{i}" for i in range(100)]
 BIG = 10**9  # limits that never deny: the bench measures the check, not the refusals
 
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)  # poll interval
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    with redis_process() as server:
+        yield server.addr
 
 
 async def measure(call: Callable[[int], Awaitable[Any]], calls: int, concurrency: int
