@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -51,6 +52,8 @@ def running(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            # its own process group: whatever it forks (workers, writer) is stopped with it
+            start_new_session=True,
         )
         try:
             _wait_healthy(proc, " ".join(command), health_url, deadline_s, log)
@@ -58,10 +61,12 @@ def running(
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # strays of a parent that died hard
 
 
 def read_output(f: IO[bytes]) -> str:
