@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -15,7 +16,6 @@ from llm_gateway.chat_request import parse_json_object, read_body
 from llm_gateway.domain import PROVIDERS, ApiKey, Route, Target, Tenant
 from llm_gateway.errors import (
     AuthenticationFailed,
-    GatewayError,
     InvalidRequest,
     NotFound,
     Unprocessable,
@@ -341,8 +341,6 @@ def _time_param(q: dict[str, list[str]], name: str) -> float | None:
         return float(value)
     except ValueError:
         pass
-    from datetime import UTC, datetime
-
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -351,5 +349,3 @@ def _time_param(q: dict[str, list[str]], name: str) -> float | None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
-
-__all__ = ["GatewayError"]

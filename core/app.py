@@ -14,6 +14,7 @@ from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
+from llm_gateway.domain import Route
 from llm_gateway.errors import (
     GatewayError,
     InternalError,
@@ -86,10 +87,7 @@ async def get_model(svc: Services, request: Request, rid: str) -> Response:
     return admin.json_response(_model_object(route))
 
 
-def _model_object(r: object) -> dict[str, object]:
-    from llm_gateway.domain import Route
-
-    assert isinstance(r, Route)
+def _model_object(r: Route) -> dict[str, object]:
     return {"id": r.name, "object": "model", "created": int(r.updated_at),
             "owned_by": r.targets[0].provider}
 

@@ -49,14 +49,12 @@ async def reserve(svc: Services, call: Call) -> None:
             "Rate limiting is unavailable, so the request was refused.",
             code="rate_limiter_unavailable",
         ) from None
-    call.response_headers.extend(
-        (k.encode(), v.encode()) for k, v in rate_limit_headers(decision).items()
-    )
+    headers = rate_limit_headers(decision)
+    call.response_headers.extend((k.encode(), v.encode()) for k, v in headers.items())
     if decision.allowed:
         return
     reserved, call.reserved_tokens = call.reserved_tokens, 0
     obs.rate_limited(call, decision.denied_by or "tpm")
-    headers = rate_limit_headers(decision)
     if decision.never_fits:
         raise RateLimited(
             f"This request needs {call.prompt_tokens} prompt tokens plus its maximum output, "

@@ -33,7 +33,7 @@ from llm_gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from llm_gateway.providers.base import UpstreamRequest
+from llm_gateway.providers.base import UpstreamRequest, upstream_json
 from llm_gateway.providers.sse import DONE, ChunkEncoder, FrameSplitter, completion_id, data_json
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -63,12 +63,7 @@ class AnthropicProvider:
                                orjson.dumps(payload))
 
     def parse_response(self, content: bytes, client_model: str) -> tuple[bytes, Usage]:
-        try:
-            message = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("the upstream provider returned invalid JSON") from None
-        if not isinstance(message, dict):
-            raise UpstreamError("the upstream provider returned an unexpected response")
+        message = upstream_json(content)
         completion, usage = to_chat_completion(message, client_model)
         return orjson.dumps(completion), usage
 

@@ -8,10 +8,11 @@ failover target, so it must never mutate the parsed request body it is given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import orjson
 from llm_gateway.domain import Target, Usage
-from llm_gateway.errors import GatewayError
+from llm_gateway.errors import GatewayError, UpstreamError
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +63,14 @@ class Provider(Protocol):
         """An upstream error response -> the error the client sees (classified by status and
         the body's type field, never by message text)."""
         ...
+
+
+def upstream_json(content: bytes) -> dict[str, Any]:
+    """A successful upstream response body as a JSON object, or the 502 that says it was not."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("the upstream provider returned invalid JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamError("the upstream provider returned an unexpected response")
+    return data

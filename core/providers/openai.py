@@ -10,7 +10,6 @@ usage; the usage-only frame the gateway asked for is dropped when the client did
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -23,10 +22,11 @@ from llm_gateway.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
-from llm_gateway.providers.base import UpstreamRequest
+from llm_gateway.providers.base import UpstreamRequest, upstream_json
+from llm_gateway.providers.sse import DONE, completion_id
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
-_DONE = b"data: [DONE]"
+_DONE = DONE.rstrip()  # matched against frames without their blank line
 
 
 class OpenAIProvider:
@@ -52,14 +52,9 @@ class OpenAIProvider:
         return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", headers, payload)
 
     def parse_response(self, content: bytes, client_model: str) -> tuple[bytes, Usage]:
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("the upstream provider returned invalid JSON") from None
-        if not isinstance(data, dict):
-            raise UpstreamError("the upstream provider returned an unexpected response")
+        data = upstream_json(content)
         if self.fill_missing and ("id" not in data or "created" not in data):
-            data.setdefault("id", _completion_id())
+            data.setdefault("id", completion_id())
             data.setdefault("created", int(time.time()))
             data.setdefault("object", "chat.completion")
             content = orjson.dumps(data)
@@ -82,10 +77,6 @@ class SelfHostedProvider(OpenAIProvider):
 def _include_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def _completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
 
 
 def usage_of(u: Any) -> Usage:
@@ -149,7 +140,7 @@ class OpenAIStream:
                 return b""
         if self._fill_missing and ("id" not in data or "created" not in data):
             if self._id is None:
-                self._id, self._created = _completion_id(), int(time.time())
+                self._id, self._created = completion_id(), int(time.time())
             data.setdefault("id", self._id)
             data.setdefault("created", self._created)
             data.setdefault("object", "chat.completion.chunk")
