@@ -143,8 +143,9 @@ def test_reconciliation_returns_unused_tokens(gateway: Gateway, mode: str) -> No
         # Without reconciliation the first request would still hold its ~1,008 reserved tokens.
         assert used_by_first < 200 + elapsed * 100, (mode, used_by_first)
         if mode != "cancelled-stream":
-            # the fake reports 2 prompt + 40 completion tokens; probes take their own share
-            assert used_by_first >= 42 - elapsed * 100 - 5 * reserved
+            # The fake reports 2 prompt + 40 completion tokens, and exactly that is charged:
+            # earlier probes only add their own use, refill can only have given some back.
+            assert used_by_first >= 42 - elapsed * 100, (mode, used_by_first, elapsed)
 
 
 def test_two_instances_share_redis_exactly(tmp_path: Path, redis: RedisServer,
