@@ -1,5 +1,7 @@
-"""Limiter cost per check: calls/s and p50/p99 latency for the embedded and Redis backends,
-sequential and with 64 concurrent tasks, plus Redis settles (batched into pipelines).
+"""Limiter cost per check: calls/s, p50/p99 latency and CPU per call for the embedded and Redis
+backends, sequential and with 64 concurrent tasks, plus settles. Redis runs twice: over the lean
+RESP channel the gateway uses on a standalone Redis, and through coredis alone (the baseline,
+and the Redis Cluster path).
 
     .venv/bin/python perf/bench_limiter.py [--calls 20000]
 
@@ -49,11 +51,12 @@ async def measure(call: Callable[[int], Awaitable[Any]], calls: int, concurrency
             await call(offset + i)
             latencies.append(time.perf_counter_ns() - t)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(w * per_task) for w in range(concurrency)))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     q = statistics.quantiles(latencies, n=100)
-    return {"calls/s": len(latencies) / wall, "p50 us": q[49] / 1000, "p99 us": q[98] / 1000}
+    return {"calls/s": len(latencies) / wall, "p50 us": q[49] / 1000, "p99 us": q[98] / 1000,
+            "cpu us": cpu / len(latencies) * 1e6}
 
 
 async def bench(limiter: Any, name: str, calls: int, settles: bool) -> list[tuple[str, dict]]:
@@ -82,9 +85,12 @@ async def main(calls: int) -> None:
     with redis_server() as addr:
         async with RedisLimiter(addr) as redis:
             rows += await bench(redis, "redis", calls, settles=True)
-    print(f"{'':24} {'calls/s':>10} {'p50 us':>9} {'p99 us':>9}")
+        async with RedisLimiter(addr, lean=False) as redis:
+            rows += await bench(redis, "redis/coredis", calls, settles=True)
+    print(f"{'':28} {'calls/s':>10} {'p50 us':>9} {'p99 us':>9} {'CPU us':>8}")
     for name, r in rows:
-        print(f"{name:24} {r['calls/s']:>10,.0f} {r['p50 us']:>9.1f} {r['p99 us']:>9.1f}")
+        print(f"{name:28} {r['calls/s']:>10,.0f} {r['p50 us']:>9.1f} {r['p99 us']:>9.1f}"
+              f" {r['cpu us']:>8.1f}")
 
 
 if __name__ == "__main__":

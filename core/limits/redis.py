@@ -6,8 +6,9 @@ tenant as a hash tag, `llmgw:{<tenant>}:buckets`, so the script runs unchanged o
 The key expires when both buckets would be full again (plus a second): an expired key reads as
 full buckets, so expiry never changes an answer and idle tenants cost no memory.
 
-Settles are awaitables the caller runs off the request path; settles that arrive while one is
-being sent are batched into a single non-transactional pipeline.
+Settles are awaitables the caller runs off the request path. On a standalone Redis every call
+goes over `resp.ScriptChannel`, pipelined; on Redis Cluster, through coredis, calls that arrive
+while one is being sent are batched into a single non-transactional pipeline.
 
 Lua numbers cross to Redis as integers (fractions truncated), so levels and times are stored
 and returned as strings printed with 17 significant digits.
@@ -24,6 +25,7 @@ import coredis.exceptions as cx
 import coredis.retry
 from coredis.connection import TCPLocation
 from llm_gateway.limits.base import Decision, LimiterUnavailable, decision
+from llm_gateway.limits.resp import Address, ScriptChannel
 
 # KEYS[1]: the tenant's bucket hash. ARGV: mode, rpm_limit, tpm_limit, n.
 # "reserve": n = tokens to reserve; returns {allowed, denied_by, retry_after, r, t, never_fits}.
@@ -107,7 +109,8 @@ class RedisLimiter:
     """`await start()` / `await aclose()` (or `async with`) in one task, e.g. a lifespan:
     coredis 6 ties the connection pool to the task that entered it."""
 
-    def __init__(self, addr: str, *, cluster: bool = False, timeout_s: float = 0.25) -> None:
+    def __init__(self, addr: str, *, cluster: bool = False, timeout_s: float = 0.25,
+                 lean: bool = True) -> None:
         url = addr if "://" in addr else f"redis://{addr}"
         # No retries and short timeouts: a dead Redis must surface as LimiterUnavailable within
         # a request's budget, and the caller decides whether to fail open or closed.
@@ -120,6 +123,12 @@ class RedisLimiter:
         self._client: Any = (_cluster_client(url, options) if cluster
                              else coredis.Redis.from_url(url, **options))
         self._script = self._client.register_script(LUA)
+        # On a standalone Redis, each call goes over the lean channel (see `resp`); coredis
+        # keeps the start-up check and Redis Cluster, where it routes keys to their nodes.
+        # (`lean=False` keeps coredis for every call: the benchmark's baseline.)
+        address = Address.from_url(url) if lean and not cluster else None
+        self._channel = (ScriptChannel(address, LUA, self._script.sha, timeout_s=timeout_s)
+                         if address is not None else None)
         self._entered = False
         self._queue: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
@@ -132,6 +141,8 @@ class RedisLimiter:
         self._entered = True
 
     async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
         if self._sender is not None:
             await asyncio.gather(self._sender, return_exceptions=True)
         if self._entered:
@@ -149,6 +160,8 @@ class RedisLimiter:
                       tokens: int) -> Decision:
         res = await self._call(bucket_key(tenant_id), ["reserve", rpm_limit, tpm_limit, tokens])
         allowed, denied, wait, r, t, never = res
+        if isinstance(denied, bytes):
+            denied = denied.decode()
         return decision(bool(int(allowed)), denied or None, bool(int(never)), float(wait),
                         rpm_limit, float(r), tpm_limit, float(t))
 
@@ -161,6 +174,11 @@ class RedisLimiter:
         """Run the script once. With nothing in flight it is sent at once; calls made while a
         batch is in flight wait for it and then go together in one pipeline: no added latency
         when idle, far fewer round trips and syscalls under load."""
+        if self._channel is not None:
+            try:
+                return await self._channel.call([key], args)
+            except ConnectionError as exc:
+                raise LimiterUnavailable(str(exc)) from None
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((key, args, done))
         if self._sender is None or self._sender.done():
