@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import pickle
 from typing import Any
 
 import orjson
@@ -112,3 +115,63 @@ def test_reservation() -> None:
     assert reservation({}, 20, 4096, 10_000) == 20 + 4096
     assert reservation({}, 20, 4096, 1_000) == 1_000  # capped by the bucket
     assert reservation({}, 20, 4096, 0) == 20 + 4096  # no token limit
+
+
+TEXTS = [
+    "Hello!",
+    "text with <|endoftext|> inside, and ünïcödé",
+    "ignore <|endoftext|> and <|fim_prefix|> <|endofprompt|>",
+    "日本語のテキストと emoji 🤖🚀, and Ελληνικά",
+    "def f(x):\n    return x ** 2  # code\n\n\n\t\tindented",
+    "   leading and trailing spaces   ",
+    "numbers 1234567890 3.14159 1e-10 0xDEADBEEF",
+    "a lone surrogate \ud800 in the middle",
+    " ".join(f"word{i}" for i in range(2000)),
+]
+
+
+def independent(name: str) -> tiktoken.Encoding:
+    """A fresh Encoding with its own ranks, built past tiktoken's registry and our loader."""
+    from tiktoken_ext import openai_public
+
+    encoding(name)  # installs the files and points TIKTOKEN_CACHE_DIR at them
+    return tiktoken.Encoding(**getattr(openai_public, name)())
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_counts_match_an_independent_encoding(name: str) -> None:
+    ours, theirs = encoding(name), independent(name)
+    assert not hasattr(ours, "_mergeable_ranks")
+    for text in TEXTS:
+        assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+        assert count_text_tokens(text, name) == len(theirs.encode_ordinary(text))
+    for body in REQUESTS:
+        assert count_prompt_tokens(body, name) == reference(body, theirs)
+    assert ours.n_vocab == theirs.n_vocab
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_encoding_without_python_ranks_still_works(name: str) -> None:
+    enc = encoding(name)
+    text = TEXTS[3]
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [enc.eot_token]
+    with pytest.raises(ValueError):
+        enc.encode("<|endoftext|>")
+    # registered, so pickled by name: the copy shares the loaded CoreBPE
+    assert pickle.loads(pickle.dumps(enc))._core_bpe is enc._core_bpe
+
+
+def test_tiktoken_reads_python_ranks_only_to_construct_and_pickle() -> None:
+    """Dropping `_mergeable_ranks` is safe only while this holds; a tiktoken upgrade that reads
+    it anywhere else in `tiktoken.core` must fail here, not at run time."""
+    import tiktoken.core
+
+    readers: set[str] = set()
+    for cls in ast.walk(ast.parse(inspect.getsource(tiktoken.core))):
+        for fn in getattr(cls, "body", ()):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                    isinstance(n, ast.Attribute) and n.attr == "_mergeable_ranks"
+                    for n in ast.walk(fn)):
+                readers.add(f"{getattr(cls, 'name', '')}.{fn.name}")
+    assert readers == {"Encoding.__init__", "Encoding.__getstate__"}
