@@ -167,6 +167,7 @@ class Gateway:
         svc = self.services
         try:
             if svc is not None:
+                svc.usage.flush()
                 await svc.upstream.aclose()
                 if svc.limiter is not None:
                     await svc.limiter.aclose()

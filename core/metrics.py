@@ -52,7 +52,8 @@ LIMITER_ERRORS = Counter("llm_gateway_limiter_errors", "Calls to the rate limite
 CIRCUIT = Gauge("llm_gateway_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
                 ("target",), multiprocess_mode="livemax")
 QUEUE_DEPTH = Gauge("llm_gateway_usage_queue_depth",
-                    "Usage records handed to the writer but not yet taken.",
+                    "Batches of usage records (one per worker per 2 ms at most) handed to "
+                    "the writer but not yet taken.",
                     multiprocess_mode="mostrecent")
 SPOOLED = Gauge("llm_gateway_usage_spooled_records",
                 "Usage records in the spool, not yet written to the ledger.",

@@ -20,8 +20,12 @@ RECORD_FIELDS = (
 class UsageSink(Protocol):
     def emit(self, record: dict[str, Any]) -> None: ...
 
+    def flush(self) -> None:
+        """Hand over whatever is still buffered (a worker calls it before it stops)."""
+        ...
+
     def depth(self) -> int:
-        """Records handed over but not yet written, where known (for metrics)."""
+        """Batches of records handed over but not yet written, where known (for metrics)."""
         ...
 
 
@@ -29,6 +33,9 @@ class NullSink:
     """No ledger (tests of other parts, benchmarks of the bare path)."""
 
     def emit(self, record: dict[str, Any]) -> None:
+        return None
+
+    def flush(self) -> None:
         return None
 
     def depth(self) -> int:

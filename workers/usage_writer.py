@@ -101,6 +101,8 @@ def _take(q: Any, stopping: bool) -> tuple[list[dict[str, Any]], bool]:
     while True:
         if item is STOP:
             stopping = True
+        elif isinstance(item, list):  # a worker's records (QueueSink gathers them)
+            batch.extend(item)
         else:
             batch.append(item)
         if len(batch) >= BATCH:
