@@ -107,11 +107,24 @@ def count_text_tokens(text: str, encoding_name: str) -> int:
     return len(encoding(encoding_name).encode_ordinary(text)) if text else 0
 
 
+# Roles repeat on every message of every request: their counts are kept (a few, bounded).
+_ROLE_TOKENS: dict[tuple[str, str], int] = {}
+
+
 def count_prompt_tokens(body: dict[str, Any], encoding_name: str) -> int:
     enc = encoding(encoding_name)
 
     def n(text: str) -> int:
         return len(enc.encode_ordinary(text)) if text else 0
+
+    def role(text: str) -> int:
+        try:
+            return _ROLE_TOKENS[encoding_name, text]
+        except KeyError:
+            count = n(text)
+            if len(_ROLE_TOKENS) < 64:
+                _ROLE_TOKENS[encoding_name, text] = count
+            return count
 
     total = REPLY_PRIMING
     for message in body.get("messages") or ():
@@ -120,7 +133,7 @@ def count_prompt_tokens(body: dict[str, Any], encoding_name: str) -> int:
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
             if isinstance(value, str):
-                total += n(value)
+                total += role(value) if key == "role" else n(value)
                 if key == "name":
                     total += TOKENS_PER_NAME
             elif key == "content" and isinstance(value, list):
