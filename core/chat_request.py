@@ -20,6 +20,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
                 raise _too_large(max_bytes)
         except ValueError:
             raise InvalidRequest("invalid Content-Length header") from None
+        # The server frames the body by its Content-Length: it cannot grow past it.
+        return await request.read() or b""
     parts: list[bytes] = []
     size = 0
     async for chunk in request.stream():
