@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 CRLF = b"\r\n"
+LAZY_S = 0.005
 
 
 class ReplyError(Exception):
@@ -147,12 +148,15 @@ class ScriptChannel:
         self._connecting: asyncio.Future[None] | None = None
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._out: list[bytes] = []
+        self._flush_soon = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def call(self, keys: list[str], args: list[str | int]) -> Any:
+    async def call(self, keys: list[str], args: list[str | int], *, urgent: bool = True) -> Any:
+        """`urgent=False` (a settle, which nobody waits for) lets the call wait up to `LAZY_S`
+        for another to share its write, and so its reply's wake-up."""
         command = encode(b"EVALSHA", self._sha, b"%d" % len(keys),
                          *(k.encode() for k in keys), *(_arg(a) for a in args))
-        reply = await self._send(command)
+        reply = await self._send(command, urgent)
         if isinstance(reply, ReplyError) and reply.noscript:
             # Not run: loading the script and sending the call again is safe.
             loaded = await self._send(encode(b"SCRIPT", b"LOAD", self._script))
@@ -168,14 +172,17 @@ class ScriptChannel:
             self._transport.close()
         self._fail(ConnectionError("redis: channel closed"))
 
-    async def _send(self, command: bytes) -> Any:
+    async def _send(self, command: bytes, urgent: bool = True) -> Any:
         if self._transport is None:
             await self._connect()
         loop = self._loop
         assert loop is not None
         fut = loop.create_future()
-        if not self._out:
+        if urgent and not self._flush_soon:
+            self._flush_soon = True
             loop.call_soon(self._flush)
+        elif not self._out and not self._flush_soon:
+            loop.call_later(LAZY_S, self._flush)
         self._out.append(command)
         self._waiting.append(fut)
         timer = loop.call_later(self.timeout_s, self._timed_out, fut)
@@ -185,7 +192,10 @@ class ScriptChannel:
             timer.cancel()
 
     def _flush(self) -> None:
+        self._flush_soon = False
         out, self._out = self._out, []
+        if not out:
+            return
         if self._transport is None:  # lost in the meantime; its waiters have been failed
             return
         self._transport.write(b"".join(out))
