@@ -100,3 +100,19 @@ def test_self_hosted_counts_tokens_when_usage_missing() -> None:
     assert out.endswith(b"data: [DONE]\n\n")
     usage = tr.usage()
     assert not usage.reported and usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_openai_stream_relays_frames_untouched_and_takes_usage(wants_usage: bool) -> None:
+    frames = [b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"w%d"}}],"usage":null}'
+              % i for i in range(5)]
+    usage = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5}}'
+    stream = b"\n\n".join([*frames, usage, b"data: [DONE]"]) + b"\n\n"
+    expected = b"\n\n".join([*frames, *([usage] if wants_usage else []), b"data: [DONE]"])
+    for cut in range(0, len(stream) + 1, 7):  # the whole stream in one block, and in pieces
+        tr = OpenAIStream(client_wants_usage=wants_usage, encoding="cl100k_base",
+                          fill_missing=False)
+        out = tr.feed(stream[:cut]) + tr.feed(stream[cut:]) + tr.finish()
+        assert out == expected + b"\n\n", cut
+        got = tr.usage()
+        assert got.reported and (got.input_tokens, got.output_tokens) == (7, 5)

@@ -29,6 +29,10 @@ _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = DONE.rstrip()  # matched against frames without their blank line
 
 
+def _has_usage(frame: bytes) -> bool:
+    return any(m in frame for m in _USAGE_MARKERS)
+
+
 class OpenAIProvider:
     name = "openai"
     # Self-hosted servers often omit `id`/`created` and stream usage; OpenAI never does.
@@ -114,8 +118,12 @@ class OpenAIStream:
             self._pending = buf
             return b""
         out, self._pending = buf[: end + 2], buf[end + 2 :]
-        if self._fill_missing or any(m in out for m in _USAGE_MARKERS):
+        if self._fill_missing:
             out = b"".join(self._frame(f) for f in out.split(b"\n\n") if f)
+        elif any(m in out for m in _USAGE_MARKERS):
+            # Only the frame with the usage is parsed; a block often holds a whole stream.
+            out = b"".join(self._frame(f) if _has_usage(f) else f + b"\n\n"
+                           for f in out.split(b"\n\n") if f)
         self._seen.append(out)
         return out
 
