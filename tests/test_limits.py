@@ -205,8 +205,9 @@ async def test_embedded_table_full_then_reclaims_idle_slots(
 
 # --- redis specifics --------------------------------------------------------------------------
 
-async def test_noscript_recovery(redis: RedisServer) -> None:
-    async with RedisLimiter(redis.addr) as lim:
+@pytest.mark.parametrize("lean", [True, False], ids=["resp-channel", "coredis"])
+async def test_noscript_recovery(redis: RedisServer, lean: bool) -> None:
+    async with RedisLimiter(redis.addr, lean=lean) as lim:
         tenant = _tenant("ns")
         assert (await lim.reserve(tenant, 5, 0, 0)).allowed
         assert redis.cli("SCRIPT", "FLUSH") == "OK"

@@ -6,7 +6,7 @@ cost of the round trip itself (`perf/bench_limiter.py` measures both). A limiter
 twice per request, so on a standalone Redis the gateway sends EVALSHA over this small protocol
 instead: every command goes out in the loop iteration that made it (calls made in the same
 iteration share one write), replies come back in order and resolve their callers' futures.
-coredis still runs everything else (start-up checks, `SCRIPT LOAD`, Redis Cluster).
+Redis Cluster still goes through coredis (`coredis_scripts`), which routes keys to their nodes.
 
 Any connection error or timeout fails every call in flight with `ConnectionError` (the limiter
 turns it into LimiterUnavailable) and drops the connection; the next call reconnects.
@@ -166,6 +166,12 @@ class ScriptChannel:
         if isinstance(reply, ReplyError):
             raise reply
         return reply
+
+    async def ping(self) -> None:
+        """Connect (and authenticate) now, and check the server answers."""
+        reply = await self._send(encode(b"PING"))
+        if reply != b"PONG":
+            raise ConnectionError(f"redis: PING answered {reply!r}")
 
     async def close(self) -> None:
         if self._transport is not None:
