@@ -94,7 +94,9 @@ async def _complete(svc: Services, call: Call, request: Request) -> Response:
     finally:
         watcher.stop()
     call.status = 200
-    _finish(svc, call)
+    # Settling, the usage record, metrics and the span end wait for the next loop iteration:
+    # the response goes out first.
+    asyncio.get_running_loop().call_soon(_finish, svc, call)
     return Response(200, call.response_headers, Content(JSON, out))
 
 
