@@ -9,6 +9,7 @@ translated into gateway errors here, once, and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -16,6 +17,7 @@ import aiohttp
 from llm_gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from llm_gateway.providers.base import UpstreamRequest
 from llm_gateway.settings import Settings
+from yarl import URL
 
 
 class UpstreamClient:
@@ -38,6 +40,9 @@ class UpstreamClient:
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            # One session serves every tenant: a cookie an upstream sets must never ride along
+            # on another tenant's request (and an empty jar is still filtered per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def aclose(self) -> None:
@@ -49,7 +54,8 @@ class UpstreamClient:
         assert self._session is not None, "upstream client not started"
         with translate_errors():
             async with asyncio.timeout(self._settings.first_byte_timeout_s):
-                return await self._session.post(req.url, data=req.body, headers=req.headers)
+                return await self._session.post(_url(req.url), data=req.body,
+                                                headers=req.headers)
 
     async def read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         with translate_errors():
@@ -68,6 +74,12 @@ class UpstreamClient:
         with translate_errors():
             async for chunk in resp.content.iter_any():
                 yield chunk
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(text: str) -> URL:
+    """Target URLs repeat: each is parsed (and quoted) once, not on every request."""
+    return URL(text)
 
 
 @contextmanager
