@@ -218,6 +218,24 @@ async def test_noscript_recovery(redis: RedisServer, lean: bool) -> None:
         await asyncio.gather(lim.settle(tenant, 600, 0, 10), lim.settle(tenant, 600, 0, 10))
 
 
+async def test_a_settle_rides_on_the_next_reserve(redis: RedisServer) -> None:
+    async with RedisLimiter(redis.addr) as lim:
+        tenant = _tenant("ride")
+        assert (await lim.reserve(tenant, 0, 60_000, 10_000)).allowed
+        assert redis.cli("CONFIG", "RESETSTAT") == "OK"
+        settled = asyncio.ensure_future(lim.settle(tenant, 60_000, 10_000, 1_000))
+        await asyncio.sleep(0)  # the settle is waiting for company
+        d = await lim.reserve(tenant, 0, 60_000, 0)
+        await settled
+        assert 59_000 <= d.tpm_remaining <= 60_000  # 9,000 came back with this reserve
+        stats = redis.cli("INFO", "commandstats")
+        assert "cmdstat_evalsha:calls=1," in stats  # one script call for both
+        t = time.monotonic()
+        await lim.settle(tenant, 60_000, 5_000, 0)  # alone: sent by itself, soon
+        assert time.monotonic() - t < 0.5
+        assert "cmdstat_evalsha:calls=2," in redis.cli("INFO", "commandstats")
+
+
 async def test_key_expires_when_buckets_would_be_full(redis: RedisServer) -> None:
     async with RedisLimiter(redis.addr) as lim:
         tenant = _tenant("ttl")

@@ -16,14 +16,17 @@ and returned as strings printed with 17 significant digits.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any, Protocol
 
 from llm_gateway.limits.base import Decision, LimiterUnavailable, decision
 from llm_gateway.limits.resp import Address, ScriptChannel
 
-# KEYS[1]: the tenant's bucket hash. ARGV: mode, rpm_limit, tpm_limit, n.
-# "reserve": n = tokens to reserve; returns {allowed, denied_by, retry_after, r, t, never_fits}.
+# KEYS[1]: the tenant's bucket hash. ARGV: mode, rpm_limit, tpm_limit, n[, refund].
+# "reserve": n = tokens to reserve, after adding `refund` (earlier requests' reserved - actual,
+# carried along instead of a call of their own) to the token bucket, capped at tpm_limit;
+# returns {allowed, denied_by, retry_after, r, t, never_fits}.
 # "settle": n = reserved - actual, added to the token bucket (capped at tpm_limit).
 # A missing level means a full bucket; a limit <= 0 (unlimited) leaves its bucket untouched.
 # Port of base.decide: keep the two in step.
@@ -52,6 +55,8 @@ if mode == 'settle' then
   redis.call('PEXPIRE', key, math.ceil(ttl))
   return 1
 end
+local refund = tonumber(ARGV[5]) or 0
+if tpm > 0 and refund ~= 0 then t = math.min(tpm, t + refund) end
 local allowed, denied, wait, never = 0, '', 0, 0
 if tpm > 0 and n > tpm then
   denied, never = 'tpm', 1
@@ -77,6 +82,8 @@ end
 return {allowed, denied, f(wait), f(r), f(t), never}
 """
 
+# How long a settle waits for the tenant's next reserve to carry it before it is sent alone.
+REFUND_WAIT_S = 0.005
 
 
 def bucket_key(tenant_id: str) -> str:
@@ -128,11 +135,19 @@ class RedisLimiter:
             from llm_gateway.limits.coredis_scripts import CoredisScripts
 
             self._scripts = CoredisScripts(url, LUA, cluster=cluster, timeout_s=timeout_s)
+        self._refunds: dict[str, _Refund] = {}
+        self._refund_timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         await self._scripts.start()
 
     async def aclose(self) -> None:
+        if self._refund_timer is not None:
+            self._refund_timer.cancel()
+            self._send_refunds()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         await self._scripts.aclose()
 
     async def __aenter__(self) -> RedisLimiter:
@@ -144,8 +159,21 @@ class RedisLimiter:
 
     async def reserve(self, tenant_id: str, rpm_limit: int, tpm_limit: int,
                       tokens: int) -> Decision:
-        res = await self._scripts.call(bucket_key(tenant_id),
-                                       ["reserve", rpm_limit, tpm_limit, tokens])
+        key = bucket_key(tenant_id)
+        refund = self._refunds.pop(key, None)
+        args: list[str | int] = ["reserve", rpm_limit, tpm_limit, tokens]
+        if refund is not None:
+            args.append(refund.tokens)
+        try:
+            res = await self._scripts.call(key, args)
+        except LimiterUnavailable as exc:
+            if refund is not None:
+                refund.failed(exc)
+            raise
+        finally:
+            # Sent (or lost with the connection) even if this caller was cancelled meanwhile.
+            if refund is not None:
+                refund.sent()
         allowed, denied, wait, r, t, never = res
         if isinstance(denied, bytes):
             denied = denied.decode()
@@ -153,8 +181,54 @@ class RedisLimiter:
                         rpm_limit, float(r), tpm_limit, float(t))
 
     async def settle(self, tenant_id: str, tpm_limit: int, reserved: int, actual: int) -> None:
+        """Returns once the difference is in Redis: carried by the tenant's next reserve if one
+        comes within REFUND_WAIT_S (no call of its own), else sent alone."""
         if tpm_limit <= 0 or reserved == actual:
             return
-        # Nobody waits for a settle: it may share the next reserve's write.
-        await self._scripts.call(bucket_key(tenant_id),
-                                 ["settle", 0, tpm_limit, reserved - actual], urgent=False)
+        key = bucket_key(tenant_id)
+        refund = self._refunds.get(key)
+        if refund is None:
+            refund = self._refunds[key] = _Refund(asyncio.get_running_loop().create_future())
+        refund.tpm_limit = tpm_limit
+        refund.tokens += reserved - actual
+        if self._refund_timer is None:
+            self._refund_timer = asyncio.get_running_loop().call_later(
+                REFUND_WAIT_S, self._send_refunds)
+        await asyncio.shield(refund.done)
+
+    def _send_refunds(self) -> None:
+        self._refund_timer = None
+        refunds, self._refunds = self._refunds, {}
+        for key, refund in refunds.items():
+            task = asyncio.ensure_future(self._send_refund(key, refund))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_refund(self, key: str, refund: _Refund) -> None:
+        try:
+            await self._scripts.call(key, ["settle", 0, refund.tpm_limit, refund.tokens],
+                                     urgent=False)
+        except LimiterUnavailable as exc:
+            refund.failed(exc)
+        finally:
+            refund.sent()
+
+
+class _Refund:
+    """Tokens to give back (or take) for one tenant, and the settles waiting for them."""
+
+    __slots__ = ("done", "tokens", "tpm_limit")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.tokens = 0
+        self.tpm_limit = 0
+
+    def failed(self, exc: LimiterUnavailable) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+            self.done.exception()  # retrieved: every waiter may have been cancelled
+
+    def sent(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
