@@ -6,9 +6,11 @@ tenant as a hash tag, `llmgw:{<tenant>}:buckets`, so the script runs unchanged o
 The key expires when both buckets would be full again (plus a second): an expired key reads as
 full buckets, so expiry never changes an answer and idle tenants cost no memory.
 
-Settles are awaitables the caller runs off the request path. On a standalone Redis every call
-goes over `resp.ScriptChannel`, pipelined, and coredis is never imported; on Redis Cluster
-calls go through coredis (`coredis_scripts`), which routes each key to its node.
+Settles are awaitables the caller runs off the request path. A settle waits up to 5 ms for
+its tenant's next reserve, which carries it (one script call for both); else it is sent alone.
+On a standalone Redis every call goes over `resp.ScriptChannel`, pipelined, and coredis is
+never imported; on Redis Cluster calls go through coredis (`coredis_scripts`), which routes
+each key to its node.
 
 Lua numbers cross to Redis as integers (fractions truncated), so levels and times are stored
 and returned as strings printed with 17 significant digits.
