@@ -228,6 +228,7 @@ async def test_a_settle_rides_on_the_next_reserve(redis: RedisServer) -> None:
         d = await lim.reserve(tenant, 0, 60_000, 0)
         await settled
         assert 59_000 <= d.tpm_remaining <= 60_000  # 9,000 came back with this reserve
+        assert lim._refund_timer is None  # nothing left to send alone: no timer to wake for
         stats = redis.cli("INFO", "commandstats")
         assert "cmdstat_evalsha:calls=1," in stats  # one script call for both
         t = time.monotonic()

@@ -166,6 +166,10 @@ class RedisLimiter:
         args: list[str | int] = ["reserve", rpm_limit, tpm_limit, tokens]
         if refund is not None:
             args.append(refund.tokens)
+            if not self._refunds and self._refund_timer is not None:
+                # Nothing left to send alone: no wake-up for an empty flush.
+                self._refund_timer.cancel()
+                self._refund_timer = None
         try:
             res = await self._scripts.call(key, args)
         except LimiterUnavailable as exc:
