@@ -130,18 +130,3 @@ def _wait_for_port(port: int) -> None:
                 raise
             time.sleep(0.02)  # poll interval
 
-
-async def test_lazy_calls_wait_for_company_and_keep_their_order(redis: RedisServer) -> None:
-    script = "return redis.call('INCR', KEYS[1])"
-    ch = ScriptChannel(Address("127.0.0.1", redis.port), script, _sha(script))
-    key = f"lazy-{time.monotonic_ns()}"
-    assert await ch.call([key], []) == 1
-    lazy = asyncio.ensure_future(ch.call([key], [], urgent=False))
-    await asyncio.sleep(0)  # queued, not yet written
-    assert ch._out and not ch._flush_soon
-    assert await ch.call([key], []) == 3  # the urgent call took the lazy one along, first
-    assert await lazy == 2
-    t = time.monotonic()
-    assert await ch.call([key], [], urgent=False) == 4  # alone: it goes within LAZY_S
-    assert time.monotonic() - t < 0.2
-    await ch.close()

@@ -72,7 +72,7 @@ class CoredisScripts:
             self._entered = False
             await self._client.__aexit__(None, None, None)
 
-    async def call(self, key: str, args: list[str | int], urgent: bool = True) -> Any:
+    async def call(self, key: str, args: list[str | int]) -> Any:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((key, args, done))
         if self._sender is None or self._sender.done():

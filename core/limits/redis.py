@@ -95,7 +95,7 @@ def bucket_key(tenant_id: str) -> str:
 class _Scripts(Protocol):
     async def start(self) -> None: ...
 
-    async def call(self, key: str, args: list[str | int], urgent: bool = True) -> Any: ...
+    async def call(self, key: str, args: list[str | int]) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -113,9 +113,9 @@ class _Lean:
         except ConnectionError as exc:
             raise LimiterUnavailable(str(exc)) from None
 
-    async def call(self, key: str, args: list[str | int], urgent: bool = True) -> Any:
+    async def call(self, key: str, args: list[str | int]) -> Any:
         try:
-            return await self._channel.call([key], args, urgent=urgent)
+            return await self._channel.call([key], args)
         except ConnectionError as exc:
             raise LimiterUnavailable(str(exc)) from None
 
@@ -212,8 +212,7 @@ class RedisLimiter:
 
     async def _send_refund(self, key: str, refund: _Refund) -> None:
         try:
-            await self._scripts.call(key, ["settle", 0, refund.tpm_limit, refund.tokens],
-                                     urgent=False)
+            await self._scripts.call(key, ["settle", 0, refund.tpm_limit, refund.tokens])
         except LimiterUnavailable as exc:
             refund.failed(exc)
         finally:
