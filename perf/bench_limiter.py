@@ -1,8 +1,8 @@
 """Limiter cost per check: calls/s, p50/p99 latency and CPU per call for the embedded and Redis
 backends, sequential and with 64 concurrent tasks, plus settles. Redis runs twice: over the lean
 RESP channel the gateway uses on a standalone Redis, and through coredis alone (the baseline,
-and the Redis Cluster path). Over the channel a settle is lazy (it waits up to 5 ms for another
-call to share its write), so its sequential row shows that wait, not a cost.
+and the Redis Cluster path). On both, a settle waits up to 5 ms for its tenant's next reserve
+to carry it, so the sequential settle rows show that wait, not a cost.
 
     .venv/bin/python perf/bench_limiter.py [--calls 20000]
 

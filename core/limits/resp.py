@@ -4,8 +4,9 @@ coredis spends about 280 µs of CPU on each script call here (anyio cancel scope
 a reader task, retry and telemetry wrappers: ~770 Python calls per command), about twenty
 times the cost of the round trip itself (`perf/bench_limiter.py` measures both; this channel
 costs about 40 µs). The limiter runs its script on every request, so on a standalone Redis the
-gateway sends EVALSHA over this small protocol instead: every command goes out in the loop iteration that made it (calls made in the same
-iteration share one write), replies come back in order and resolve their callers' futures.
+gateway sends EVALSHA over this small protocol instead: every command goes out in the loop
+iteration that made it (calls made in the same iteration share one write), replies come back
+in order and resolve their callers' futures.
 Redis Cluster still goes through coredis (`coredis_scripts`), which routes keys to their nodes.
 
 Any connection error or timeout fails every call in flight with `ConnectionError` (the limiter
