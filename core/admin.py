@@ -38,7 +38,7 @@ def require_admin(svc: Services, request: Request) -> None:
 
 
 async def _body(svc: Services, request: Request) -> dict[str, Any]:
-    raw = await read_body(request, _ADMIN_MAX_BODY)
+    raw = await read_body(request, _ADMIN_MAX_BODY, svc.settings.body_read_timeout_s)
     try:
         return parse_json_object(raw, svc.settings.max_json_depth)
     except InvalidRequest as exc:
@@ -200,7 +200,7 @@ async def delete_tenant(svc: Services, request: Request) -> Response:
 async def create_key(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
     tenant = await _tenant_or_404(svc, request.route_values["tenant_id"])
-    raw = await read_body(request, _ADMIN_MAX_BODY)
+    raw = await read_body(request, _ADMIN_MAX_BODY, svc.settings.body_read_timeout_s)
     body = await _body_from(svc, raw)
     api_key = _check_api_key(body["api_key"]) if body.get("api_key") is not None else new_api_key()
     key = make_key(tenant.tenant_id, api_key)

@@ -15,12 +15,14 @@ from typing import Any
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import (
+    UPSTREAM_MESSAGE_MAX,
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
+    clip,
 )
 from llm_gateway.providers.base import UpstreamRequest, upstream_json
 from llm_gateway.providers.sse import DONE, completion_id
@@ -184,7 +186,12 @@ class OpenAIStream:
 
 
 def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
-    """Classify by status (and the body's `type`/`code` fields), never by message text."""
+    """Classify by status (and the body's `type`/`code` fields), never by message text.
+
+    A 5xx message is never relayed: a failing server may put anything in it (a connection
+    string, a stack trace), so the client gets a generic message with the status. A 4xx message
+    tells the client what to fix, and passes through cut to 1 KiB.
+    """
     message, etype, code, param = "the upstream provider returned an error", None, None, None
     try:
         err = orjson.loads(content).get("error")
@@ -193,7 +200,11 @@ def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> Ga
             etype, code, param = err.get("type"), err.get("code"), err.get("param")
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    upstream = f"upstream provider: {message}"
+    if status >= 500:
+        upstream = f"the upstream provider failed with status {status}"
+    else:
+        upstream = f"upstream provider: {clip(message, UPSTREAM_MESSAGE_MAX)}"
+        etype, code, param = (_field(etype), _field(code), _field(param))
     if status == 429:
         retry_after = {"retry-after": headers["retry-after"]} if "retry-after" in headers else {}
         return RateLimited(upstream, code="upstream_rate_limited", headers=retry_after,
@@ -214,3 +225,8 @@ def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> Ga
     if status == 503:
         return ServiceUnavailable(upstream, code="upstream_unavailable", retryable=True)
     return UpstreamError(upstream, code="upstream_error", retryable=True)
+
+
+def _field(value: object) -> str | None:
+    """An error's type, code or param as relayed: a short string, or nothing."""
+    return clip(value, 64) if isinstance(value, str) and value else None
