@@ -23,12 +23,17 @@ from llm_gateway.errors import (
     ServiceUnavailable,
     UpstreamError,
     clip,
+    error_body,
 )
 from llm_gateway.providers.base import UpstreamRequest, upstream_json
-from llm_gateway.providers.sse import DONE, completion_id
+from llm_gateway.providers.sse import DONE, completion_id, data_json
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = DONE.rstrip()  # matched against frames without their blank line
+
+
+_ERROR_MARKER = b'"error"'
+STREAM_ERROR_MESSAGE = "the upstream provider failed during the stream"
 
 
 def _has_usage(frame: bytes) -> bool:
@@ -126,6 +131,8 @@ class OpenAIStream:
             # Only the frame with the usage is parsed; a block often holds a whole stream.
             out = b"".join(self._frame(f) if _has_usage(f) else f + b"\n\n"
                            for f in out.split(b"\n\n") if f)
+        if _ERROR_MARKER in out:
+            out = scrub_stream_errors(out)
         self._seen.append(out)
         return out
 
@@ -183,6 +190,22 @@ class OpenAIStream:
                         parts.append(fn.get("name") or "")
                         parts.append(fn.get("arguments") or "")
         return count_text_tokens("".join(parts), self._encoding) if parts else 0
+
+
+def scrub_stream_errors(block: bytes) -> bytes:
+    """Frames as relayed, with the upstream's own `{"error": ...}` frames replaced by a generic
+    one: an error inside a stream has no status to tell a client mistake from a server failure,
+    so its text (which may hold anything the server's internals wrote) is never relayed."""
+    out: list[bytes] = []
+    for frame in block.split(b"\n\n"):
+        if not frame:
+            continue
+        data = data_json(frame) if _ERROR_MARKER in frame else None
+        if isinstance(data, dict) and "error" in data:
+            frame = b"data: " + error_body(STREAM_ERROR_MESSAGE, "upstream_error",
+                                           "upstream_error")
+        out.append(frame + b"\n\n")
+    return b"".join(out)
 
 
 def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
