@@ -19,6 +19,7 @@ from llm_gateway.errors import (
     InvalidRequest,
     NotFound,
     Unprocessable,
+    clip,
 )
 from llm_gateway.services import Services
 
@@ -38,7 +39,7 @@ def require_admin(svc: Services, request: Request) -> None:
 
 
 async def _body(svc: Services, request: Request) -> dict[str, Any]:
-    raw = await read_body(request, _ADMIN_MAX_BODY)
+    raw = await read_body(request, _ADMIN_MAX_BODY, svc.settings.body_read_timeout_s)
     try:
         return parse_json_object(raw, svc.settings.max_json_depth)
     except InvalidRequest as exc:
@@ -124,7 +125,8 @@ async def create_tenant(svc: Services, request: Request) -> Response:
     unknown = set(body) - {"tenant_id", "api_key", "rpm_limit", "tpm_limit", "allowed_models",
                            "enabled"}
     if unknown:
-        raise _field(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        raise _field(f"unknown field(s): {clip(', '.join(sorted(unknown)))}",
+                     clip(sorted(unknown)[0]))
     enabled = body.get("enabled", True)
     if not isinstance(enabled, bool):
         raise _field("'enabled' must be a boolean", "enabled")
@@ -151,7 +153,7 @@ async def list_tenants(svc: Services, request: Request) -> Response:
 async def _tenant_or_404(svc: Services, tenant_id: str) -> Tenant:
     tenant = await svc.store.get_tenant(tenant_id)
     if tenant is None:
-        raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found",
+        raise NotFound(f"tenant {clip(tenant_id)!r} not found", code="tenant_not_found",
                        param="tenant_id")
     return tenant
 
@@ -170,8 +172,8 @@ async def patch_tenant(svc: Services, request: Request) -> Response:
     allowed = {"rpm_limit", "tpm_limit", "allowed_models", "enabled"}
     unknown = set(body) - allowed
     if unknown:
-        raise _field(f"field(s) that cannot be changed: {', '.join(sorted(unknown))}",
-                     sorted(unknown)[0])
+        raise _field(f"field(s) that cannot be changed: {clip(', '.join(sorted(unknown)))}",
+                     clip(sorted(unknown)[0]))
     if not body:
         raise _field(f"nothing to change: send any of {', '.join(sorted(allowed))}", "body")
     changes: dict[str, Any] = {}
@@ -192,7 +194,7 @@ async def delete_tenant(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
     tenant_id = request.route_values["tenant_id"]
     if not await svc.store.delete_tenant(tenant_id):
-        raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found",
+        raise NotFound(f"tenant {clip(tenant_id)!r} not found", code="tenant_not_found",
                        param="tenant_id")
     return json_response({"tenant_id": tenant_id, "deleted": True})
 
@@ -200,7 +202,7 @@ async def delete_tenant(svc: Services, request: Request) -> Response:
 async def create_key(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
     tenant = await _tenant_or_404(svc, request.route_values["tenant_id"])
-    raw = await read_body(request, _ADMIN_MAX_BODY)
+    raw = await read_body(request, _ADMIN_MAX_BODY, svc.settings.body_read_timeout_s)
     body = await _body_from(svc, raw)
     api_key = _check_api_key(body["api_key"]) if body.get("api_key") is not None else new_api_key()
     key = make_key(tenant.tenant_id, api_key)
@@ -224,7 +226,7 @@ async def delete_key(svc: Services, request: Request) -> Response:
     tenant_id = request.route_values["tenant_id"]
     key_id = request.route_values["key_id"]
     if not await svc.store.delete_key(tenant_id, key_id):
-        raise NotFound(f"key {key_id!r} not found for tenant {tenant_id!r}",
+        raise NotFound(f"key {clip(key_id)!r} not found for tenant {clip(tenant_id)!r}",
                        code="key_not_found", param="key_id")
     return json_response({"key_id": key_id, "deleted": True})
 
@@ -256,7 +258,7 @@ def _target(i: int, t: Any) -> Target:
         raise _field(f"{p}.weight must be a positive integer", f"{p}.weight")
     unknown = set(t) - {"provider", "base_url", "model", "api_key", "api_key_env", "weight"}
     if unknown:
-        raise _field(f"{p}: unknown field(s) {', '.join(sorted(unknown))}", p)
+        raise _field(f"{p}: unknown field(s) {clip(', '.join(sorted(unknown)))}", p)
     return Target(provider, base_url.rstrip("/"), model, api_key, api_key_env, weight)
 
 
@@ -280,7 +282,8 @@ async def put_model(svc: Services, request: Request) -> Response:
         raise _field("'targets' must be a non-empty array", "targets")
     unknown = set(body) - {"targets", "input_price_per_mtok", "output_price_per_mtok"}
     if unknown:
-        raise _field(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        raise _field(f"unknown field(s): {clip(', '.join(sorted(unknown)))}",
+                     clip(sorted(unknown)[0]))
     route = Route(
         name=name,
         targets=tuple(_target(i, t) for i, t in enumerate(targets)),
@@ -302,7 +305,7 @@ async def delete_model(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
     name = request.route_values["name"]
     if not await svc.store.delete_route(name):
-        raise NotFound(f"model {name!r} not found", code="model_not_found", param="name")
+        raise NotFound(f"model {clip(name)!r} not found", code="model_not_found", param="name")
     return json_response({"name": name, "deleted": True})
 
 

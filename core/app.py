@@ -22,6 +22,7 @@ from llm_gateway.errors import (
     MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
+    clip,
 )
 from llm_gateway.limits import Limiter
 from llm_gateway.pipeline import chat_completions, client_request_id, new_request_id
@@ -82,7 +83,7 @@ async def get_model(svc: Services, request: Request, rid: str) -> Response:
     name = request.route_values["model"]
     route = await svc.catalog.route(name)
     if route is None or not tenant.may_use(name):
-        raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
+        raise NotFound(f"The model `{clip(name)}` does not exist or you do not have access to it.",
                        code="model_not_found", param="model")
     return admin.json_response(_model_object(route))
 

@@ -1,8 +1,10 @@
 """One circuit breaker per upstream target, per worker process (pybreaker).
 
-pybreaker's `call_async` needs tornado and its plain `call` never sees an async failure, so an
-attempt runs inside its `calling()` context manager. pybreaker lets every concurrent caller
-through in half-open state; here only one request probes while the others skip the target.
+pybreaker's `call_async` needs tornado and its plain `call` never sees an async failure, so a
+request's attempts on a target (its retries included) run inside one `calling()` context
+manager: a request counts at most one failure per target, however many retries it made.
+pybreaker lets every concurrent caller through in half-open state; here only one request probes
+while the others skip the target.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class TargetBreaker:
 
     @contextmanager
     def attempt(self) -> Iterator[None]:
-        """Run one attempt under the breaker. Raises pybreaker.CircuitBreakerError at once,
-        without running the block, while the breaker is open."""
+        """Run one request's attempts on this target under the breaker, as one call. Raises
+        pybreaker.CircuitBreakerError at once, without running the block, while it is open."""
         probe = self.state != "closed"
         if probe:
             self._probing = True

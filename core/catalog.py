@@ -15,19 +15,37 @@ from llm_gateway.store.base import Store
 
 V = TypeVar("V")
 _MAX_ENTRIES = 50_000
+# The cache holds names clients choose (unknown ones too, as None): bounded in the total length
+# of its keys as well as in entries, so a flood of long names costs a worker a few MiB at most.
+_MAX_KEY_CHARS = 4 * 1024 * 1024
+# No route name is longer (the admin API enforces it): a longer one is unknown without a lookup.
+_MAX_NAME_CHARS = 256
 # One store generation check serves the key and route lookups of one request.
 _RECHECK_S = 0.0005
 
 
 class _Cache(Generic[V]):
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = _MAX_ENTRIES,
+                 max_key_chars: int = _MAX_KEY_CHARS) -> None:
         self.entries: dict[str, V | None] = {}
+        self.key_chars = 0
+        self._max_entries = max_entries
+        self._max_key_chars = max_key_chars
 
     def put(self, key: str, value: V | None) -> None:
         # Unknown keys are cached too (as None), so the map is bounded against key spraying.
-        if len(self.entries) >= _MAX_ENTRIES:
-            self.entries.clear()
+        if key in self.entries:
+            self.entries[key] = value
+            return
+        if (len(self.entries) >= self._max_entries
+                or self.key_chars + len(key) > self._max_key_chars):
+            self.clear()
         self.entries[key] = value
+        self.key_chars += len(key)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.key_chars = 0
 
 
 class Catalog:
@@ -47,8 +65,8 @@ class Catalog:
         gen = self._store.generation()
         if gen != self._generation:
             self._generation = gen
-            self._keys.entries.clear()
-            self._routes.entries.clear()
+            self._keys.clear()
+            self._routes.clear()
             self._route_list = None
 
     async def principal(self, key_hash: str) -> tuple[ApiKey, Tenant] | None:
@@ -61,6 +79,8 @@ class Catalog:
             return found
 
     async def route(self, name: str) -> Route | None:
+        if len(name) > _MAX_NAME_CHARS:
+            return None
         self._fresh()
         try:
             return self._routes.entries[name]

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from blacksheep import Request
-from llm_gateway.errors import InvalidRequest, PayloadTooLarge
+from llm_gateway.errors import CLIENT_TEXT_MAX, InvalidRequest, PayloadTooLarge, RequestTimeout
 
 _ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
+# Route names are at most this long (the admin API enforces it), so a longer one is refused
+# before any lookup or cache entry, and every message quoting it stays short.
+MAX_MODEL_CHARS = CLIENT_TEXT_MAX
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`, and with
+    408 when it has not arrived whole within `timeout_s` (a stalled client holds a worker's
+    request slot, its buffers and its tenant's concurrency only that long)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, max_bytes)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g} seconds."
+        ) from None
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.get_first_header(b"content-length")
     if declared is not None:
         try:
@@ -78,6 +94,9 @@ def parse_chat(raw: bytes, max_depth: int) -> dict[str, Any]:
         raise _invalid("you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise _invalid("'model' must be a non-empty string", "model", "invalid_type")
+    if len(model) > MAX_MODEL_CHARS:
+        raise _invalid(f"'model' must be at most {MAX_MODEL_CHARS} characters", "model",
+                       "invalid_value")
     messages = body.get("messages")
     if messages is None:
         raise _invalid("'messages' is a required property", "messages",

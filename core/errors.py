@@ -7,22 +7,35 @@
     ├── NotFound                      404     not_found_error (model_not_found for models)
     ├── MethodNotAllowed              405     invalid_request_error
     ├── Conflict                      409     conflict_error
+    ├── RequestTimeout                408     invalid_request_error
     ├── PayloadTooLarge               413     invalid_request_error
     ├── Unprocessable                 422     invalid_request_error
     ├── RateLimited                   429     rate_limit_exceeded (+ Retry-After)
     ├── InternalError                 500     server_error
     ├── UpstreamError                 502     upstream_error (or the upstream's own status)
+    │   └── UpstreamRedirect          502     upstream_error (code upstream_redirect)
     ├── ServiceUnavailable            503     service_unavailable
     └── UpstreamTimeout               504     timeout
 
 Library exceptions are translated where the library is called; everything that leaves a handler
 is a GatewayError, and `error_body` renders OpenAI's shape:
-`{"error": {"message", "type", "code", "param"}}`.
+`{"error": {"message", "type", "code", "param"}}`. A message quotes at most `clip()` of what a
+client sent, so an error never grows with the request.
 """
 
 from __future__ import annotations
 
 import orjson
+
+# What an error message may quote of a client's input (a model name, an id, a field name).
+CLIENT_TEXT_MAX = 256
+# What a client sees of an upstream's 4xx message (a 5xx message is never relayed).
+UPSTREAM_MESSAGE_MAX = 1024
+
+
+def clip(text: str, limit: int = CLIENT_TEXT_MAX) -> str:
+    """`text` cut to `limit` characters (marked with an ellipsis), for quoting in a message."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class GatewayError(Exception):
@@ -96,6 +109,12 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -124,6 +143,14 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "bad_gateway"
+
+
+class UpstreamRedirect(UpstreamError):
+    """The upstream answered 3xx. It is never followed: a redirect would re-send the prompt
+    (and the target's credentials) to an origin the admin never configured."""
+
+    code = "upstream_redirect"
+    retryable = True
 
 
 class ServiceUnavailable(GatewayError):

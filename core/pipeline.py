@@ -45,7 +45,8 @@ async def chat_completions(
         with trace.child("auth"):
             key, tenant = await authenticate(svc.catalog, request)
         try:
-            raw = await read_body(request, svc.settings.max_body_bytes)
+            raw = await read_body(request, svc.settings.max_body_bytes,
+                                  svc.settings.body_read_timeout_s)
         except MessageAborted:
             trace.end(CLIENT_CLOSED)
             return Response(CLIENT_CLOSED)

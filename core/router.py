@@ -24,7 +24,7 @@ from llm_gateway import observability as obs
 from llm_gateway.breakers import TargetBreaker
 from llm_gateway.call import Call
 from llm_gateway.domain import Route, Target
-from llm_gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
+from llm_gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamRedirect
 from llm_gateway.providers.base import Provider
 from llm_gateway.services import Services
 from llm_gateway.settings import Settings, secret_from_env
@@ -105,9 +105,18 @@ def _circuit_open(target: Target) -> ServiceUnavailable:
 
 async def _on_target(svc: Services, call: Call, provider: Provider, target: Target,
                      breaker: TargetBreaker, deadline: float) -> Opened:
+    """The attempts of one request on one target, under the target's breaker as one call: a
+    request that fails there, however many retries it made, counts one failure (N slow requests
+    from one tenant add N, not N x attempts, to the breaker every tenant shares)."""
+    with breaker.attempt():
+        return await _with_retries(svc, call, provider, target, deadline)
+
+
+async def _with_retries(svc: Services, call: Call, provider: Provider, target: Target,
+                        deadline: float) -> Opened:
     s = svc.settings
     try:
-        return await _guarded(svc, call, provider, target, breaker)
+        return await _traced(svc, call, provider, target)
     except GatewayError as exc:
         if s.retries_per_target == 0 or not _may_retry(exc, s, call, deadline):
             raise
@@ -123,24 +132,26 @@ async def _on_target(svc: Services, call: Call, provider: Provider, target: Targ
     )
     async for attempt in retrying:
         with attempt:
-            return await _guarded(svc, call, provider, target, breaker)
+            return await _traced(svc, call, provider, target)
     raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
-async def _guarded(svc: Services, call: Call, provider: Provider, target: Target,
-                   breaker: TargetBreaker) -> Opened:
-    """One attempt, under the target's breaker and in its own span."""
+async def _traced(svc: Services, call: Call, provider: Provider, target: Target) -> Opened:
+    """One attempt, in its own span."""
     call.target = target
     call.attempts += 1
-    with breaker.attempt(), obs.attempt_span(call, target) as span:
+    with obs.attempt_span(call, target) as span:
         opened = await _attempt(svc, provider, target, call)
         span.outcome = "success"
         return opened
 
 
 def _may_retry(exc: BaseException, s: Settings, call: Call, deadline: float) -> bool:
+    """Whether to try the same target again (failover to the next one is decided apart)."""
     if not isinstance(exc, GatewayError) or not exc.retryable:
         return False
+    if isinstance(exc, UpstreamRedirect):
+        return False  # the target answers the same way every time; the next target may not
     if call.attempts >= s.max_attempts or time.monotonic() >= deadline:
         return False
     wait = retry_after_s(exc)
@@ -184,10 +195,10 @@ async def _attempt(svc: Services, provider: Provider, target: Target, call: Call
         target, call.body, call.raw, stream=call.stream, api_key=api_key_for(target)
     )
     obs.inject_trace_headers(call, req.headers)
-    resp = await svc.upstream.send(req)
+    resp = await svc.upstream.send(req, stream=call.stream)
     try:
         if resp.status >= 400:
-            content = await svc.upstream.read_body(resp)
+            content = await svc.upstream.read_error_body(resp)
             headers = {k.lower(): v for k, v in resp.headers.items()}
             raise provider.map_error(resp.status, content, headers)
         first = await svc.upstream.read_first(resp) if call.stream else b""

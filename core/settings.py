@@ -41,11 +41,13 @@ class Settings:
 
     max_body_bytes: int = 10 * 1024 * 1024
     max_json_depth: int = 50
+    body_read_timeout_s: float = 30.0
 
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 60.0
     stream_idle_timeout_s: float = 60.0
     request_timeout_s: float = 600.0
+    max_response_bytes: int = 32 * 1024 * 1024
     max_attempts: int = 4
     retries_per_target: int = 1
     retry_backoff_s: float = 0.1
@@ -95,10 +97,14 @@ class Settings:
             cache_ttl_s=e.get("GATEWAY_CACHE_TTL_S", _non_negative_float, 5.0),
             max_body_bytes=e.get("GATEWAY_MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
             max_json_depth=e.get("GATEWAY_MAX_JSON_DEPTH", _positive_int, 50),
+            body_read_timeout_s=e.get("GATEWAY_BODY_READ_TIMEOUT_S", _positive_float,
+                                      d.body_read_timeout_s),
             connect_timeout_s=e.get("GATEWAY_CONNECT_TIMEOUT_S", _positive_float, 5.0),
             first_byte_timeout_s=e.get("GATEWAY_FIRST_BYTE_TIMEOUT_S", _positive_float, 60.0),
             stream_idle_timeout_s=e.get("GATEWAY_STREAM_IDLE_TIMEOUT_S", _positive_float, 60.0),
             request_timeout_s=e.get("GATEWAY_REQUEST_TIMEOUT_S", _positive_float, 600.0),
+            max_response_bytes=e.get("GATEWAY_MAX_RESPONSE_BYTES", _positive_int,
+                                     d.max_response_bytes),
             max_attempts=e.get("GATEWAY_MAX_ATTEMPTS", _positive_int, 4),
             retries_per_target=e.get("GATEWAY_RETRIES_PER_TARGET", _non_negative_int, 1),
             retry_backoff_s=e.get("GATEWAY_RETRY_BACKOFF_S", _non_negative_float, 0.1),

@@ -132,7 +132,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A 2-worker gateway on the embedded store, shared by tests that only add their own
     tenants and models (unique names per test)."""
     with gateway_process(tmp_path_factory.mktemp("gw"), GATEWAY_FIRST_BYTE_TIMEOUT_S="2",
-                         GATEWAY_STREAM_IDLE_TIMEOUT_S="2") as gw:
+                         GATEWAY_STREAM_IDLE_TIMEOUT_S="2",
+                         # a non-stream request waits for headers this long, not first-byte
+                         GATEWAY_REQUEST_TIMEOUT_S="2") as gw:
         yield gw
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import (
+    UPSTREAM_MESSAGE_MAX,
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
@@ -32,6 +33,7 @@ from llm_gateway.errors import (
     ServiceUnavailable,
     UpstreamError,
     UpstreamTimeout,
+    clip,
 )
 from llm_gateway.providers.base import UpstreamRequest, upstream_json
 from llm_gateway.providers.sse import DONE, ChunkEncoder, FrameSplitter, completion_id, data_json
@@ -89,8 +91,14 @@ def map_anthropic_error(status: int, etype: str | None, message: str,
 
     401/403/404 are the gateway's configuration (its key, its target model), not the client's
     fault: 502, and retryable so failover can try the next target and the breaker sees it.
+    The message of a server-side failure is never relayed (it may hold anything the upstream's
+    internals wrote); a 4xx message passes through cut to 1 KiB.
     """
     kind = etype or _TYPE_BY_STATUS.get(status)
+    if status >= 500 or kind in _SERVER_SIDE:
+        message = _SERVER_SIDE.get(kind or "") or f"failed with status {status}"
+    else:
+        message = clip(message, UPSTREAM_MESSAGE_MAX)
     text = f"upstream provider (anthropic): {message}"
     if kind == "invalid_request_error":
         return InvalidRequest(text, code="invalid_request")
@@ -112,6 +120,9 @@ def map_anthropic_error(status: int, etype: str | None, message: str,
     # api_error, unknown types, and bodies we could not read: the upstream failed us.
     return UpstreamError(text, code="upstream_error", retryable=status >= 500)
 
+
+# Server-side failures, by type: what the client is told instead of the upstream's own text.
+_SERVER_SIDE = {"api_error": "", "overloaded_error": "Overloaded", "timeout_error": "Timed out"}
 
 # For bodies without a type. Not 400: a 400 that is not Anthropic's JSON came from something in
 # between (a proxy), so it says nothing the client could fix.

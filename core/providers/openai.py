@@ -15,18 +15,25 @@ from typing import Any
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import (
+    UPSTREAM_MESSAGE_MAX,
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
+    clip,
+    error_body,
 )
 from llm_gateway.providers.base import UpstreamRequest, upstream_json
-from llm_gateway.providers.sse import DONE, completion_id
+from llm_gateway.providers.sse import DONE, completion_id, data_json
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = DONE.rstrip()  # matched against frames without their blank line
+
+
+_ERROR_MARKER = b'"error"'
+STREAM_ERROR_MESSAGE = "the upstream provider failed during the stream"
 
 
 def _has_usage(frame: bytes) -> bool:
@@ -124,6 +131,8 @@ class OpenAIStream:
             # Only the frame with the usage is parsed; a block often holds a whole stream.
             out = b"".join(self._frame(f) if _has_usage(f) else f + b"\n\n"
                            for f in out.split(b"\n\n") if f)
+        if _ERROR_MARKER in out:
+            out = scrub_stream_errors(out)
         self._seen.append(out)
         return out
 
@@ -183,8 +192,29 @@ class OpenAIStream:
         return count_text_tokens("".join(parts), self._encoding) if parts else 0
 
 
+def scrub_stream_errors(block: bytes) -> bytes:
+    """Frames as relayed, with the upstream's own `{"error": ...}` frames replaced by a generic
+    one: an error inside a stream has no status to tell a client mistake from a server failure,
+    so its text (which may hold anything the server's internals wrote) is never relayed."""
+    out: list[bytes] = []
+    for frame in block.split(b"\n\n"):
+        if not frame:
+            continue
+        data = data_json(frame) if _ERROR_MARKER in frame else None
+        if isinstance(data, dict) and "error" in data:
+            frame = b"data: " + error_body(STREAM_ERROR_MESSAGE, "upstream_error",
+                                           "upstream_error")
+        out.append(frame + b"\n\n")
+    return b"".join(out)
+
+
 def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
-    """Classify by status (and the body's `type`/`code` fields), never by message text."""
+    """Classify by status (and the body's `type`/`code` fields), never by message text.
+
+    A 5xx message is never relayed: a failing server may put anything in it (a connection
+    string, a stack trace), so the client gets a generic message with the status. A 4xx message
+    tells the client what to fix, and passes through cut to 1 KiB.
+    """
     message, etype, code, param = "the upstream provider returned an error", None, None, None
     try:
         err = orjson.loads(content).get("error")
@@ -193,7 +223,11 @@ def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> Ga
             etype, code, param = err.get("type"), err.get("code"), err.get("param")
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    upstream = f"upstream provider: {message}"
+    if status >= 500:
+        upstream = f"the upstream provider failed with status {status}"
+    else:
+        upstream = f"upstream provider: {clip(message, UPSTREAM_MESSAGE_MAX)}"
+        etype, code, param = (_field(etype), _field(code), _field(param))
     if status == 429:
         retry_after = {"retry-after": headers["retry-after"]} if "retry-after" in headers else {}
         return RateLimited(upstream, code="upstream_rate_limited", headers=retry_after,
@@ -214,3 +248,8 @@ def map_openai_error(status: int, content: bytes, headers: dict[str, str]) -> Ga
     if status == 503:
         return ServiceUnavailable(upstream, code="upstream_unavailable", retryable=True)
     return UpstreamError(upstream, code="upstream_error", retryable=True)
+
+
+def _field(value: object) -> str | None:
+    """An error's type, code or param as relayed: a short string, or nothing."""
+    return clip(value, 64) if isinstance(value, str) and value else None

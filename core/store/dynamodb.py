@@ -22,7 +22,7 @@ import orjson
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from llm_gateway.domain import ApiKey, Route, Tenant
-from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
 from llm_gateway.settings import Settings
 from llm_gateway.store.base import UsagePage
 from llm_gateway.store.codec import (
@@ -233,7 +233,7 @@ class DynamoDBStore:
         for _ in range(_UPDATE_ATTEMPTS):
             item = await self._get(TENANTS_PK, tenant_id)
             if item is None:
-                raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found")
+                raise NotFound(f"tenant {clip(tenant_id)!r} not found", code="tenant_not_found")
             version = int(item.get("version", {}).get("N", "0"))
             data = {**_body(item), **changes}
             self._local_writes += 1
@@ -248,7 +248,7 @@ class DynamoDBStore:
             except ClientError:
                 continue  # another admin write won the race: apply ours to the fresh item
             return tenant_from_row(data)
-        raise Conflict(f"tenant {tenant_id!r} is being changed concurrently; try again",
+        raise Conflict(f"tenant {clip(tenant_id)!r} is being changed concurrently; try again",
                        code="concurrent_update")
 
     async def delete_tenant(self, tenant_id: str) -> bool:

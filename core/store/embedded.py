@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from llm_gateway.domain import ApiKey, Route, Tenant
-from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
 from llm_gateway.store.base import UsagePage
 from llm_gateway.store.codec import (
     key_from_row,
@@ -164,7 +164,7 @@ class EmbeddedStore:
                 "SELECT body FROM tenants WHERE tenant_id = ?", (tenant_id,)
             ).fetchone()
             if row is None:
-                raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found")
+                raise NotFound(f"tenant {clip(tenant_id)!r} not found", code="tenant_not_found")
             data = orjson.loads(row[0])
             data.update(changes)
             c.execute(
