@@ -109,7 +109,7 @@ def _models(body: dict[str, Any], default: tuple[str, ...]) -> tuple[str, ...]:
         return default
     v = body["allowed_models"]
     if not isinstance(v, list) or not all(
-            isinstance(m, str) and (m == "*" or _MODEL.fullmatch(m)) for m in v):
+            isinstance(m, str) and _MODEL.fullmatch(m) for m in v):
         raise _field("'allowed_models' must be an array of model names (or [\"*\"])",
                      "allowed_models")
     return tuple(v)
@@ -288,8 +288,9 @@ def _price(body: dict[str, Any], name: str) -> float:
     v = body.get(name, 0.0)
     if v is None:
         return 0.0
-    if (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
-            or not 0 <= v <= MAX_PRICE_PER_MTOK):
+    # The range first: math.isfinite would overflow on a huge int.
+    if (not isinstance(v, int | float) or isinstance(v, bool)
+            or not 0 <= v <= MAX_PRICE_PER_MTOK or not math.isfinite(v)):
         raise _field(f"'{name}' must be a number from 0 to {MAX_PRICE_PER_MTOK:,} "
                      "(per million tokens)", name)
     return float(v)
