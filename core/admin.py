@@ -3,11 +3,12 @@ gets 422 with the offending field in `param`."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import orjson
 from blacksheep import Content, Request, Response
@@ -22,9 +23,13 @@ from llm_gateway.errors import (
     clip,
 )
 from llm_gateway.services import Services
+from llm_gateway.settings import ADMIN_KEY_MIN_CHARS, provider_secret_name_allowed
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
-_MODEL = re.compile(r"^[^\s/][^\s]{0,255}$")
+# Matched in full (`fullmatch`): `$` would accept a trailing newline.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+_MODEL = re.compile(r"[^\s/\x00-\x1f\x7f][^\s\x00-\x1f\x7f]{0,255}")
+# Prices are per million tokens; a bound keeps every cost finite (1e308 made it inf).
+MAX_PRICE_PER_MTOK = 1_000_000
 _ADMIN_MAX_BODY = 1024 * 1024
 
 
@@ -33,8 +38,10 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def require_admin(svc: Services, request: Request) -> None:
-    assert svc.settings.admin_api_key is not None
-    if not admin_key_matches(svc.settings.admin_api_key, request):
+    expected = svc.settings.admin_api_key
+    # Start-up refuses short keys; this holds even for an app built without that check.
+    if not expected or len(expected) < ADMIN_KEY_MIN_CHARS \
+            or not admin_key_matches(expected, request):
         raise AuthenticationFailed("Invalid or missing X-Admin-Key.", code="invalid_admin_key")
 
 
@@ -102,14 +109,16 @@ def _models(body: dict[str, Any], default: tuple[str, ...]) -> tuple[str, ...]:
     if "allowed_models" not in body:
         return default
     v = body["allowed_models"]
-    if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
+    if not isinstance(v, list) or not all(
+            isinstance(m, str) and _MODEL.fullmatch(m) for m in v):
         raise _field("'allowed_models' must be an array of model names (or [\"*\"])",
                      "allowed_models")
     return tuple(v)
 
 
 def _check_api_key(v: Any) -> str:
-    if not isinstance(v, str) or not 8 <= len(v) <= 256 or not v.isascii() or " " in v:
+    if (not isinstance(v, str) or not 8 <= len(v) <= 256 or not v.isascii()
+            or not v.isprintable() or " " in v):
         raise _field("'api_key' must be 8 to 256 ASCII characters without spaces", "api_key")
     return v
 
@@ -118,7 +127,7 @@ async def create_tenant(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
     body = await _body(svc, request)
     tenant_id = body.get("tenant_id")
-    if not isinstance(tenant_id, str) or not _ID.match(tenant_id):
+    if not isinstance(tenant_id, str) or not _ID.fullmatch(tenant_id):
         raise _field("'tenant_id' must be 1-128 characters of letters, digits and _ . : @ -",
                      "tenant_id")
     api_key = _check_api_key(body["api_key"]) if body.get("api_key") is not None else None
@@ -238,18 +247,18 @@ def _target(i: int, t: Any) -> Target:
     provider = t.get("provider")
     if provider not in PROVIDERS:
         raise _field(f"{p}.provider must be one of {', '.join(PROVIDERS)}", f"{p}.provider")
-    base_url = t.get("base_url")
-    parsed = urlparse(base_url) if isinstance(base_url, str) else None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise _field(f"{p}.base_url must be an http(s) URL", f"{p}.base_url")
+    base_url = _base_url(t.get("base_url"), p)
     model = t.get("model")
     if not isinstance(model, str) or not model:
         raise _field(f"{p}.model must be a non-empty string", f"{p}.model")
     api_key, api_key_env = t.get("api_key"), t.get("api_key_env")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise _field(f"{p}.api_key must be a non-empty string", f"{p}.api_key")
-    if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env):
-        raise _field(f"{p}.api_key_env must name an environment variable", f"{p}.api_key_env")
+    if api_key_env is not None and (not isinstance(api_key_env, str)
+                                    or not provider_secret_name_allowed(api_key_env)):
+        raise _field(f"{p}.api_key_env must name an environment variable ending in _API_KEY or "
+                     "_TOKEN, and not one the gateway reads itself (ADMIN_API_KEY, REDIS_*, "
+                     "AWS_*, DYNAMODB_*, GATEWAY_*, OTEL_*)", f"{p}.api_key_env")
     if api_key is not None and api_key_env is not None:
         raise _field(f"{p}: give api_key or api_key_env, not both", f"{p}.api_key")
     weight = t.get("weight")
@@ -259,22 +268,40 @@ def _target(i: int, t: Any) -> Target:
     unknown = set(t) - {"provider", "base_url", "model", "api_key", "api_key_env", "weight"}
     if unknown:
         raise _field(f"{p}: unknown field(s) {clip(', '.join(sorted(unknown)))}", p)
-    return Target(provider, base_url.rstrip("/"), model, api_key, api_key_env, weight)
+    return Target(provider, base_url, model, api_key, api_key_env, weight)
+
+
+def _base_url(v: Any, p: str) -> str:
+    """An http(s) URL with a host and nothing that carries credentials: a URL is shown in the
+    admin API and, without them, in metrics and logs; keys belong in api_key or api_key_env."""
+    try:
+        parsed = urlsplit(v) if isinstance(v, str) else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise _field(f"{p}.base_url must be an http(s) URL", f"{p}.base_url")
+    if "@" in parsed.netloc or "?" in v or "#" in v:
+        raise _field(f"{p}.base_url must not carry credentials, a query or a fragment: give "
+                     "the key in api_key or api_key_env", f"{p}.base_url")
+    return v.rstrip("/")
 
 
 def _price(body: dict[str, Any], name: str) -> float:
     v = body.get(name, 0.0)
     if v is None:
         return 0.0
-    if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-        raise _field(f"'{name}' must be a non-negative number", name)
+    # The range first: math.isfinite would overflow on a huge int.
+    if (not isinstance(v, int | float) or isinstance(v, bool)
+            or not 0 <= v <= MAX_PRICE_PER_MTOK or not math.isfinite(v)):
+        raise _field(f"'{name}' must be a number from 0 to {MAX_PRICE_PER_MTOK:,} "
+                     "(per million tokens)", name)
     return float(v)
 
 
 async def put_model(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
     name = request.route_values["name"]
-    if not _MODEL.match(name):
+    if not _MODEL.fullmatch(name):
         raise _field("the model name must be 1-256 characters without spaces", "name")
     body = await _body(svc, request)
     targets = body.get("targets")

@@ -14,7 +14,7 @@ from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
-from llm_gateway.domain import Route
+from llm_gateway.domain import Route, target_label
 from llm_gateway.errors import (
     GatewayError,
     InternalError,
@@ -58,7 +58,8 @@ async def readyz(svc: Services, request: Request, rid: str) -> Response:
     except Exception as exc:
         log.warning("readiness check failed: %s", type(exc).__name__)
         raise ServiceUnavailable("the store is not reachable", code="store_unavailable") from None
-    return admin.json_response({"status": "ready", "circuit_breakers": svc.breakers.states()})
+    breakers = {target_label(n): state for n, state in svc.breakers.states().items()}
+    return admin.json_response({"status": "ready", "circuit_breakers": breakers})
 
 
 async def metrics(svc: Services, request: Request, rid: str) -> Response:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 PROVIDERS = ("openai", "anthropic", "self-hosted")
 
@@ -42,8 +44,28 @@ class Target:
 
     @property
     def name(self) -> str:
-        """A stable, secret-free label for metrics, logs and breakers."""
-        return f"{self.provider}:{self.base_url}#{self.model}"
+        """A stable, secret-free label for metrics, logs, usage records and breakers: the URL
+        without userinfo, query or fragment, which a route stored before they were refused may
+        still hold."""
+        return f"{self.provider}:{public_url(self.base_url)}#{self.model}"
+
+
+def public_url(url: str) -> str:
+    """`url` without the parts that may carry credentials (userinfo, query, fragment)."""
+    if "@" not in url and "?" not in url and "#" not in url:
+        return url  # the common case, on every attempt: no parsing
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def target_label(name: str) -> str:
+    """A label for a `Target.name` that shows no URL at all (for `/readyz`, which anyone who
+    reaches the gateway may read): provider#model@ a short hash of the URL."""
+    provider, _, rest = name.partition(":")
+    url, _, model = rest.partition("#")  # a public URL has no '#'
+    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return f"{provider}#{model}@{digest}"
 
 
 @dataclass(frozen=True, slots=True)

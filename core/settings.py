@@ -6,8 +6,13 @@ the variable's name, what was given, and what is expected.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
+import re
 import secrets
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,20 +129,71 @@ class Settings:
 
     def with_admin_key(self) -> tuple[Settings, bool]:
         """On the embedded default, an unset admin key is generated once and kept in the data
-        directory. Returns the settings with the key and whether it was generated just now."""
+        directory. Returns the settings with the key and whether it was generated just now.
+        A key shorter than ADMIN_KEY_MIN_CHARS is refused: an empty one would let anyone in."""
         if self.admin_api_key is not None:
+            if len(self.admin_api_key.strip()) < ADMIN_KEY_MIN_CHARS:
+                raise SettingsError(f"ADMIN_API_KEY is shorter than {ADMIN_KEY_MIN_CHARS} "
+                                    "characters")
             return self, False
         if not self.embedded_store:
             raise SettingsError("ADMIN_API_KEY is required when DYNAMODB_TABLE_NAME is set")
-        path = self.data_dir / "admin_api_key"
-        if path.exists():
-            return replace(self, admin_api_key=path.read_text().strip()), False
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        key = "sk-admin-" + secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path = self.data_dir / ADMIN_KEY_FILE
+        generated = _write_new_key(path, "sk-admin-" + secrets.token_urlsafe(24))
+        make_private(path)
+        key = path.read_text().strip()
+        if len(key) < ADMIN_KEY_MIN_CHARS:
+            raise SettingsError(f"{path} holds an admin key shorter than {ADMIN_KEY_MIN_CHARS} "
+                                "characters: put a longer one there, or delete the file to have "
+                                "one generated")
+        return replace(self, admin_api_key=key), generated
+
+
+ADMIN_KEY_FILE = "admin_api_key"
+ADMIN_KEY_MIN_CHARS = 16
+
+
+def make_private_dir(path: Path) -> None:
+    """The data directory: created 0700 (its files hold provider keys in plain text). An
+    existing one keeps its mode: an operator may share it on purpose; its files are 0600."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def make_private(path: Path) -> None:
+    """Owner-only access to a file the gateway keeps secrets in, if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(path, 0o600)
+
+
+def _write_new_key(path: Path, key: str) -> bool:
+    """Write `key` to `path` unless the file exists, atomically: a crash leaves no file or the
+    whole key. Returns whether it was written. A link, not a rename, so a second gateway starting
+    at the same moment keeps the first one's key instead of replacing it."""
+    if path.exists():
+        return False
+    make_private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
-        return replace(self, admin_api_key=key), True
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Env:
@@ -236,7 +292,36 @@ def _encoding(v: str) -> str:
     return v
 
 
+# Variables a route's `api_key_env` may never name: the admin key, and any the gateway itself
+# reads (an admin could otherwise point a route at their own server and receive them).
+_RESERVED_EXACT = frozenset({"ADMIN_API_KEY", "REDIS_ADDR", "REDIS_CLUSTER", "SERVER_PORT",
+                             "LOG_LEVEL"})
+_RESERVED_PREFIXES = ("AWS_", "DYNAMODB_", "GATEWAY_", "OTEL_", "PROMETHEUS_", "TIKTOKEN_")
+_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN")
+_ENV_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,127}")
+
+
+def provider_secret_name_allowed(name: str) -> bool:
+    """Whether a route target's `api_key_env` may name this variable: `*_API_KEY` or `*_TOKEN`,
+    and none the gateway reads itself. Compared without case, to be safe."""
+    up = name.upper()
+    return (_ENV_NAME.fullmatch(name) is not None and up.endswith(_SECRET_SUFFIXES)
+            and up not in _RESERVED_EXACT and not up.startswith(_RESERVED_PREFIXES))
+
+
 def secret_from_env(name: str) -> str | None:
     """A provider key named by a route target's `api_key_env`, read when the target is used so a
-    rotated secret is picked up without a restart."""
+    rotated secret is picked up without a restart. A name the admin API would refuse today (a
+    route stored before the rule) reads as unset, so the variable is never sent upstream."""
+    if not provider_secret_name_allowed(name):
+        _warn_refused(name)
+        return None
     return os.environ.get(name) or None
+
+
+@functools.cache
+def _warn_refused(name: str) -> None:
+    """Once per name and process: it would otherwise repeat on every request of the route."""
+    logging.getLogger("llm_gateway").warning(
+        "api_key_env names a variable routes may not read; no key is sent",
+        extra={"fields": {"api_key_env": name[:128]}})

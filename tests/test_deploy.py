@@ -151,6 +151,56 @@ def test_health_checks(cfn: dict[str, Any]) -> None:
         "ContainerName": "gateway", "ContainerPort": 8080, "TargetGroupArn": {"Ref": "TargetGroup"}}
 
 
+def _path_rules(cfn: dict[str, Any]) -> dict[str, tuple[set[str], list[Any] | None]]:
+    """Each forward rule on the API listener: (its paths, its source-ip values or None)."""
+    rules: dict[str, tuple[set[str], list[Any] | None]] = {}
+    for name, res in _of_type(cfn, "AWS::ElasticLoadBalancingV2::ListenerRule").items():
+        props = res["Properties"]
+        assert props["ListenerArn"] == {"Ref": "Listener"}, name
+        assert props["Actions"] == [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
+        fields = {c["Field"]: c for c in props["Conditions"]}
+        assert set(fields) <= {"path-pattern", "source-ip"}, name
+        paths = set(fields["path-pattern"]["PathPatternConfig"]["Values"])
+        source = fields.get("source-ip")
+        rules[name] = (paths, source["SourceIpConfig"]["Values"] if source else None)
+    return rules
+
+
+def test_public_listener_forwards_only_the_api_and_health(cfn: dict[str, Any]) -> None:
+    """From anywhere: /v1/* and the health paths. /metrics and /admin/* only from the VPC or the
+    AdminAllowedCidr parameter (default empty: the VPC only). Anything else: a 404 at the ALB."""
+    from llm_gateway.app import ROUTES
+
+    listener = _resource(cfn, "Listener", "AWS::ElasticLoadBalancingV2::Listener")
+    (default,) = listener["DefaultActions"]
+    assert default["Type"] == "fixed-response"
+    assert default["FixedResponseConfig"]["StatusCode"] == "404"
+    assert json.loads(default["FixedResponseConfig"]["MessageBody"])["error"]["code"]
+    # No other listener forwards anything (the optional one on 80 redirects to HTTPS).
+    for name, res in _of_type(cfn, "AWS::ElasticLoadBalancingV2::Listener").items():
+        if name != "Listener":
+            assert [a["Type"] for a in res["Properties"]["DefaultActions"]] == ["redirect"]
+
+    rules = _path_rules(cfn)
+    public = {p for paths, source in rules.values() if source is None for p in paths}
+    assert public == {"/v1/*", "/healthz", "/readyz"}
+    internal = {name: (paths, source) for name, (paths, source) in rules.items() if source}
+    assert {str(source) for _, source in internal.values()} == {
+        str([{"Ref": "VpcCidr"}]), str([{"Ref": "AdminAllowedCidr"}])}
+    assert cfn["Parameters"]["AdminAllowedCidr"]["Default"] == ""
+    for name, (paths, source) in internal.items():
+        assert paths == {"/admin/*", "/metrics"}, name
+        if source == [{"Ref": "AdminAllowedCidr"}]:
+            assert cfn["Resources"][name]["Condition"] == "HasAdminCidr"
+    # Every path the gateway serves falls in exactly one of the two groups.
+    for _, path, _ in ROUTES:
+        in_public = path.startswith("/v1/") or path in public
+        in_internal = path.startswith("/admin/") or path == "/metrics"
+        assert in_public != in_internal, path
+    service = cfn["Resources"]["Service"]
+    assert "PublicPathsRule" in service["DependsOn"]
+
+
 def test_shutdown_grace_wiring(cfn: dict[str, Any]) -> None:
     """stopTimeout >= grace + writer headroom, within Fargate's cap, for every allowed grace;
     the same grace reaches the gateway and the ALB's deregistration delay."""

@@ -32,8 +32,8 @@ def wait_for(gw: Gateway, tenant: str, n: int) -> dict[str, Any]:
 def test_one_record_per_request(gateway: Gateway, fresh_upstream: FakeUpstream) -> None:
     model = unique("priced")
     gateway.put_model(model, {"provider": "openai", "base_url": fresh_upstream.openai_base,
-                              "model": "m"}, input_price_per_mtok=1_000_000,
-                      output_price_per_mtok=2_000_000)
+                              "model": "m"}, input_price_per_mtok=500_000,
+                      output_price_per_mtok=1_000_000)  # the highest price allowed
     tenant = unique("billed")
     key = gateway.create_tenant(tenant, rpm_limit=5)["api_key"]
     with openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0) as client:
@@ -50,7 +50,7 @@ def test_one_record_per_request(gateway: Gateway, fresh_upstream: FakeUpstream) 
     # the fake counts 3 prompt tokens for "a b" (2 words + 1 per message)
     assert got["totals"] == {"requests": 6, "input_tokens": 5 * 3,
                              "output_tokens": 3 * 3 + 2 * 4,
-                             "cost": pytest.approx(5 * 3 * 1.0 + 17 * 2.0)}
+                             "cost": pytest.approx(5 * 3 * 0.5 + 17 * 1.0)}
     records = got["data"]
     assert len({r["request_id"] for r in records}) == 6
     assert sorted(r["status"] for r in records) == [200] * 5 + [429]

@@ -20,7 +20,7 @@ import multiprocessing as mp
 import sys
 from typing import TYPE_CHECKING, Any
 
-from llm_gateway.settings import Settings
+from llm_gateway.settings import ADMIN_KEY_FILE, Settings, make_private, make_private_dir
 
 if TYPE_CHECKING:
     from blacksheep import Application
@@ -63,7 +63,8 @@ def load_app(settings: Settings, usage_queue: Any, target: str = "") -> Applicat
 
 def prepare(settings: Settings) -> Settings:
     """Run once in the parent, before any worker exists."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.data_dir)
+    make_private(settings.data_dir / ADMIN_KEY_FILE)  # one an older version wrote 0644
     settings, generated = settings.with_admin_key()
     if settings.embedded_store:
         from llm_gateway.store.embedded import EmbeddedStore
@@ -73,13 +74,11 @@ def prepare(settings: Settings) -> Settings:
         from llm_gateway.limits.embedded import EmbeddedLimiter
 
         EmbeddedLimiter.reset(settings.data_dir)
-    if generated:
-        print(f"Generated ADMIN_API_KEY (kept in {settings.data_dir / 'admin_api_key'}):",
-              flush=True)
-        print(f"    {settings.admin_api_key}", flush=True)
-    elif settings.embedded_store:
-        log.info("admin key: ADMIN_API_KEY, or the file",
-                 extra={"fields": {"path": str(settings.data_dir / "admin_api_key")}})
+    if settings.embedded_store:
+        # Never the key itself: logs are shipped and kept where the key must not be.
+        path = str(settings.data_dir / ADMIN_KEY_FILE)
+        log.info("admin key generated in the file" if generated
+                 else "admin key: ADMIN_API_KEY, or the file", extra={"fields": {"path": path}})
     from llm_gateway.tokens import warm_up
 
     warm_up()
@@ -105,6 +104,7 @@ def serve(settings: Settings) -> None:
 
     mp.set_start_method("fork", force=True)
     logs.setup(settings.log_level)
+    make_private_dir(settings.data_dir)  # before the metrics directory creates it 0755
     obs.prepare_parent(settings)  # before anything forks, and before prometheus_client loads
     settings = prepare(settings)
     # Unbounded: put() never blocks a worker's event loop (FACTS §3).

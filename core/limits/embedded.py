@@ -59,8 +59,12 @@ class EmbeddedLimiter:
         """Create (or empty) the shared table; run once in the parent before workers start."""
         path = Path(data_dir) / FILE_NAME
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.truncate(_SIZE)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a stale temp file keeps its old mode through O_CREAT
+            os.ftruncate(fd, _SIZE)
+        finally:
+            os.close(fd)
         tmp.replace(path)
 
     async def start(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 from llm_gateway.domain import ApiKey, Route, Tenant
 from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
+from llm_gateway.settings import make_private, make_private_dir
 from llm_gateway.store.base import UsagePage
 from llm_gateway.store.codec import (
     key_from_row,
@@ -30,6 +32,7 @@ from llm_gateway.store.codec import (
     tenant_to_row,
 )
 
+MAIN_FILE = "gateway.sqlite3"
 LEDGER_FILE = "usage.sqlite3"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -61,6 +64,18 @@ CREATE INDEX IF NOT EXISTS ledger.usage_by_tenant_time ON usage (tenant_id, star
 """
 
 
+def _create_private(data_dir: Path) -> None:
+    """Provider keys sit in these files in plain text: owner-only. SQLite gives a database's WAL
+    and shared-memory files its mode, so creating the databases 0600 covers those; files an
+    older version left readable are tightened too."""
+    make_private_dir(data_dir)
+    for name in (MAIN_FILE, LEDGER_FILE):
+        path = data_dir / name
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            make_private(path.with_name(name + suffix))
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """The usage ledger is a database of its own (attached as `ledger`): its constant writes
     must not move the main database's data_version, which invalidates the workers' caches."""
@@ -75,7 +90,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 class EmbeddedStore:
     def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "gateway.sqlite3"
+        self.path = data_dir / MAIN_FILE
         self._read: sqlite3.Connection | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
@@ -83,8 +98,8 @@ class EmbeddedStore:
     @staticmethod
     def initialize(data_dir: Path) -> None:
         """Create the schema; run once in the parent before workers start."""
-        data_dir.mkdir(parents=True, exist_ok=True)
-        conn = _connect(data_dir / "gateway.sqlite3")
+        _create_private(data_dir)
+        conn = _connect(data_dir / MAIN_FILE)
         with conn:
             conn.executescript(SCHEMA)
         conn.close()
