@@ -384,3 +384,22 @@ def test_spill_to_an_unwritable_spool_keeps_the_records(tmp_path: Path) -> None:
     assert q.get(timeout=5) == ["already queued"]
     assert q.get(timeout=5) == records
     q.close()
+
+
+def test_writer_quarantines_what_dynamodb_refuses(moto: Moto, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item over DynamoDB's 400 KB: a record that passes every check of ours, refused by
+    the service (ValidationException), quarantined; the records around it written."""
+    table = unique("Hostile")
+    settings = Settings(data_dir=tmp_path, port=0, dynamodb_table_name=table,
+                        dynamodb_endpoint_url=moto.url, aws_region="us-east-1")
+    good = [record(i) for i in range(20)]
+    bad = record(99, note="x" * 500_000)
+    with writer(settings, monkeypatch) as q:
+        q.put([*good[:10], bad, *good[10:]])
+        wait_until(lambda: len(asyncio.run(_all_ids(moto, table))) >= 20, 30, "good records")
+        wait_until(lambda: counter(settings, "llm_gateway_usage_records_rejected_total") >= 1,
+                   10, "the rejected counter")
+    assert sorted(asyncio.run(_all_ids(moto, table))) == sorted(r["request_id"] for r in good)
+    assert [(q["record"]["request_id"], q["reason"]) for q in quarantined(settings)] == \
+        [(bad["request_id"], "ValidationException")]
