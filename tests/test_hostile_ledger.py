@@ -182,8 +182,13 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
             path = tmp_path / "usage.sqlite3"
             if not path.exists():
                 return []
-            with sqlite3.connect(path) as conn:
+            conn = sqlite3.connect(path)
+            try:
                 return [r[0] for r in conn.execute("SELECT request_id FROM usage")]
+            except sqlite3.OperationalError:  # the writer has not created the table yet
+                return []
+            finally:
+                conn.close()
 
         return Ledger(settings, embedded_ids)
     moto: Moto = request.getfixturevalue("moto")
