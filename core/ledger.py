@@ -8,50 +8,121 @@ to the store, and deletes the file only once the store has it all. So a writer k
 a store that is down or throttling, or a gateway restart only delays records: whatever is in the
 spool is written later, and since the ledger is idempotent by `request_id`, writing a record
 twice keeps one.
+
+A record the store can never accept (`RecordRejected`, or one that cannot even be encoded) is
+not retried forever ahead of the rest: it goes to `usage-spool/quarantine/`, written like a
+spool file, one `{"reason", "record"}` line each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+from llm_gateway import observability as obs
 
 SPOOL_DIR = "usage-spool"
+QUARANTINE_DIR = "quarantine"
+# Usage values above this are clamped (the largest integer a JSON double holds exactly).
+MAX_TOKENS = 2**53
+
+log = logging.getLogger("llm_gateway.ledger")
+
+# A record the store can never accept, with why (an exception type or a store's error code).
+Rejected = tuple[Any, str]
+
+
+class RecordRejected(Exception):
+    """A store refused a usage record for what it holds, not because the store is away:
+    writing it again can never succeed. `reason` is a code, never the record's content."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_record(r: Any) -> None:
+    """What both stores need of a record; raises RecordRejected naming the first bad field."""
+    if not isinstance(r, dict):
+        raise RecordRejected("not_an_object")
+    for name in ("request_id", "tenant_id"):
+        if not isinstance(r.get(name), str) or not r[name]:
+            raise RecordRejected(f"bad_{name}")
+    if not isinstance(r.get("model"), str):
+        raise RecordRejected("bad_model")
+    if not _finite(r.get("started_at")):
+        raise RecordRejected("bad_started_at")
+    for name in ("input_tokens", "output_tokens"):
+        n = r.get(name)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOKENS:
+            raise RecordRejected(f"bad_{name}")
+    if r.get("cost") is not None and not _finite(r["cost"]):
+        raise RecordRejected("bad_cost")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def encode(records: list[Any]) -> tuple[bytes, list[Rejected]]:
+    """Spool lines for the records orjson can encode; the others, rejected (an int above 64
+    bits, a lone surrogate): no store could take them either."""
+    lines: list[bytes] = []
+    rejected: list[Rejected] = []
+    for r in records:
+        try:
+            lines.append(orjson.dumps(r) + b"\n")
+        except TypeError as exc:  # orjson.JSONEncodeError
+            rejected.append((r, type(exc).__name__))
+    return b"".join(lines), rejected
 
 
 class Spool:
-    """A directory of batch files, each written once (tmp + fsync + rename), never appended."""
+    """A directory of batch files, each written once (tmp + fsync + rename), never appended.
+
+    Writing raises OSError when the directory cannot take a file (disk full, read-only, gone):
+    the caller still holds the records and decides where they go meanwhile."""
 
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir / SPOOL_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Created again at each write if need be: a spool that is away at start comes back.
+        with contextlib.suppress(OSError):
+            self.dir.mkdir(parents=True, exist_ok=True)
 
-    def write(self, records: list[dict[str, Any]], origin: str = "w") -> Path:
-        name = f"{time.time_ns():020d}-{origin}-{os.getpid()}"
-        tmp = self.dir / f"{name}.tmp"
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        path = tmp.with_suffix(".jsonl")
-        os.replace(tmp, path)
-        return path
+    def write(self, records: list[Any], origin: str = "w") -> list[Rejected]:
+        """Write the records as one new batch file; return those that cannot be encoded."""
+        data, rejected = encode(records)
+        if data:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_file(self.dir, f"{time.time_ns():020d}-{origin}-{os.getpid()}", data)
+        return rejected
+
+    def quarantine(self, rejected: list[Rejected], name: str | None = None) -> Path:
+        """Keep records that can never be written, with why, out of the way of the rest.
+        `name` (a spool file's) makes a replay of that file overwrite, not add."""
+        folder = self.dir / QUARANTINE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        data = b"".join(_quarantine_line(r, reason) for r, reason in rejected)
+        return _write_file(folder, name or f"{time.time_ns():020d}-q-{os.getpid()}", data)
 
     def pending(self) -> list[Path]:
         """Batch files oldest first. A `.tmp` left by a process killed mid-write holds records
         it had taken; its complete lines are replayed too (the torn last one cannot be). A
-        `.tmp` whose process lives is being written right now (a worker's spill): not yet."""
-        return sorted((p for p in self.dir.iterdir()
-                       if p.suffix == ".jsonl" or (p.suffix == ".tmp" and _orphaned(p))),
-                      key=lambda p: p.name)
+        `.tmp` whose process lives is being written right now (a worker's spill): not yet.
+        None while the directory cannot be read."""
+        try:
+            return sorted((p for p in self.dir.iterdir()
+                           if p.suffix == ".jsonl" or (p.suffix == ".tmp" and _orphaned(p))),
+                          key=lambda p: p.name)
+        except OSError:
+            return []
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
@@ -67,7 +138,48 @@ class Spool:
             path.unlink()
 
     def count(self) -> int:
-        return sum(len(p.read_bytes().splitlines()) for p in self.pending())
+        total = 0
+        for p in self.pending():
+            with contextlib.suppress(OSError):
+                total += len(p.read_bytes().splitlines())
+        return total
+
+
+def _write_file(folder: Path, name: str, data: bytes) -> Path:
+    """`folder/name.jsonl`, complete or not at all: tmp + fsync + rename."""
+    tmp = folder / f"{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path = tmp.with_suffix(".jsonl")
+    os.replace(tmp, path)
+    return path
+
+
+def _quarantine_line(record: Any, reason: str) -> bytes:
+    try:
+        return orjson.dumps({"reason": reason, "record": _jsonable(record)}) + b"\n"
+    except Exception:  # too deep to walk: keep what can be shown
+        return orjson.dumps({"reason": reason, "record": repr(record)[:65536]
+                             .encode("utf-8", "replace").decode()}) + b"\n"
+
+
+def _jsonable(value: Any) -> Any:
+    """The record as JSON can show it: what orjson cannot encode becomes its repr."""
+    if isinstance(value, dict):
+        return {_jsonable(str(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return repr(value).encode("utf-8", "replace").decode()
+    return value
 
 
 def _orphaned(tmp: Path) -> bool:
@@ -93,16 +205,20 @@ GATHER_S = 0.002
 
 
 class QueueSink:
-    """The workers' side: hand records to the writer; never block the request path.
+    """The workers' side: hand records to the writer; never block or fail the request path.
 
     Each queue item is a list of records. `flush()` (at worker stop) hands over what is still
-    gathering; a worker killed outright loses at most the last `GATHER_S` of records."""
+    gathering; a worker killed outright loses at most the last `GATHER_S` of records. When the
+    queue is too deep the records spill to the spool; if the spool cannot take them they go on
+    the queue after all (it is unbounded), and if that fails too they wait here for the next
+    flush."""
 
     def __init__(self, queue: Any, spool: Spool, max_depth: int) -> None:
         self._queue = queue
         self._spool = spool
         self._max_depth = max_depth
         self._gathering: list[dict[str, Any]] = []
+        self._retry: asyncio.TimerHandle | None = None
 
     def emit(self, record: dict[str, Any]) -> None:
         self._gathering.append(record)
@@ -113,13 +229,41 @@ class QueueSink:
         records, self._gathering = self._gathering, []
         if not records:
             return
+        if self._depth_ok() and self._put(records):
+            return
         try:
-            if self._queue.qsize() < self._max_depth:
-                self._queue.put_nowait(records)
-                return
+            rejected = self._spool.write(records, origin="spill")
+        except Exception as exc:
+            obs.usage_spool_error()
+            log.warning("usage spool unwritable (%s): %d records go on the queue",
+                        type(exc).__name__, len(records))
+            if not self._put(records):
+                self._keep(records)
+            return
+        if rejected:
+            self._put([r for r, _ in rejected])  # the writer quarantines them
+
+    def _depth_ok(self) -> bool:
+        try:
+            return bool(self._queue.qsize() < self._max_depth)
         except (OSError, ValueError, NotImplementedError):
-            pass  # a closed or unusable queue: the spool still takes them
-        self._spool.write(records, origin="spill")
+            return False
+
+    def _put(self, records: list[dict[str, Any]]) -> bool:
+        try:
+            self._queue.put_nowait(records)
+        except (OSError, ValueError, AssertionError):
+            return False  # a closed or unusable queue
+        return True
+
+    def _keep(self, records: list[dict[str, Any]]) -> None:
+        """Neither the queue nor the spool took them: they join the next flush, which runs
+        after the next record or, at the latest, a second from now."""
+        self._gathering[:0] = records
+        with contextlib.suppress(RuntimeError):  # no running loop: the next emit retries
+            if self._retry is None or self._retry.cancelled() or self._retry.when() < \
+                    asyncio.get_running_loop().time():
+                self._retry = asyncio.get_running_loop().call_later(1.0, self.flush)
 
     def depth(self) -> int:
         try:

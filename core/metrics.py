@@ -59,6 +59,11 @@ SPOOLED = Gauge("llm_gateway_usage_spooled_records",
                 "Usage records in the spool, not yet written to the ledger.",
                 multiprocess_mode="mostrecent")
 
+SPOOL_ERRORS = Counter("llm_gateway_usage_spool_errors",
+                       "Spool writes that failed (the records were kept and retried).")
+RECORDS_REJECTED = Counter("llm_gateway_usage_records_rejected",
+                           "Usage records the store can never accept, moved to quarantine.")
+
 # A mostrecent gauge is only exposed once set with a timestamp, and the writer may not have
 # reported yet: a 0 stamped at the epoch shows it, and loses to any real observation.
 SPOOLED._value.set(0.0, timestamp=1.0)

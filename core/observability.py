@@ -7,7 +7,9 @@ forks anything.
 
 For the usage writer (its own process, forked from the parent): call
 `configure(settings, tracing=False)` once, then `set_usage_queue_depth(n)` and
-`set_spooled_records(n)` update the two usage gauges (no-ops with metrics off).
+`set_spooled_records(n)` update the two usage gauges (no-ops with metrics off);
+`usage_spool_error()` and `usage_records_rejected(n)` count the ledger's failures there and in
+workers.
 """
 
 from __future__ import annotations
@@ -263,3 +265,15 @@ def set_usage_queue_depth(n: int) -> None:
 def set_spooled_records(n: int) -> None:
     if _metrics is not None:
         _metrics.SPOOLED.set(n)
+
+
+def usage_spool_error() -> None:
+    """A spool write failed; its records were kept."""
+    if _metrics is not None:
+        _metrics.SPOOL_ERRORS.inc()
+
+
+def usage_records_rejected(n: int) -> None:
+    """Records the store can never accept went to quarantine."""
+    if _metrics is not None:
+        _metrics.RECORDS_REJECTED.inc(n)

@@ -20,9 +20,10 @@ from typing import Any
 import aioboto3
 import orjson
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from llm_gateway.domain import ApiKey, Route, Tenant
 from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
+from llm_gateway.ledger import RecordRejected, check_record
 from llm_gateway.settings import Settings
 from llm_gateway.store.base import UsagePage
 from llm_gateway.store.codec import (
@@ -52,6 +53,9 @@ _CONDITIONAL = ("ConditionalCheckFailedException", "TransactionCanceledException
 _UPDATE_ATTEMPTS = 5
 _BATCH_ATTEMPTS = 8
 _BATCH_CONCURRENCY = 4
+# Errors that name the request (an item too large, a bad attribute), not the service: sending
+# the same items again can never succeed. Throttling, 5xx and connection errors are transient.
+_REJECTING = ("ValidationException", "SerializationException")
 
 
 def _s(value: str) -> dict[str, str]:
@@ -313,11 +317,12 @@ class DynamoDBStore:
     async def write_usage(self, records: list[dict[str, Any]]) -> None:
         """BatchWriteItem, 25 items a call, a few calls in flight; unprocessed items are retried
         with backoff. Raises ServiceUnavailable if some could not be written (the writer keeps
-        them spooled and tries again). A record's item key comes from the record, so writing
+        them spooled and tries again), RecordRejected if a record can never be written (the
+        writer then finds which). A record's item key comes from the record, so writing
         it twice overwrites one item."""
         # One BatchWriteItem call may not name the same key twice.
-        unique = {r["request_id"]: r for r in records}
-        requests = [{"PutRequest": {"Item": _usage_item(r)}} for r in unique.values()]
+        items = {r["request_id"]: _usage_item(r) for r in records}
+        requests = [{"PutRequest": {"Item": item}} for item in items.values()]
         gate = asyncio.Semaphore(_BATCH_CONCURRENCY)
 
         async def write(chunk: list[dict[str, Any]]) -> None:
@@ -335,7 +340,15 @@ class DynamoDBStore:
         table = self.tables.usage
         for attempt in range(_BATCH_ATTEMPTS):
             async with self._calls():
-                r = await self._c.batch_write_item(RequestItems={table: pending})
+                try:
+                    r = await self._c.batch_write_item(RequestItems={table: pending})
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "")
+                    if code in _REJECTING:
+                        raise RecordRejected(code) from None
+                    raise
+                except ParamValidationError:  # botocore's own check, before any call
+                    raise RecordRejected("ParamValidationError") from None
             pending = r.get("UnprocessedItems", {}).get(table, [])
             if not pending:
                 return
@@ -396,6 +409,13 @@ class DynamoDBStore:
 
 
 def _usage_item(r: dict[str, Any]) -> dict[str, Any]:
+    """A record's item. A null cost (not a finite number) counts as 0 in totals; the body
+    keeps the null."""
+    check_record(r)
+    try:
+        body = orjson.dumps(r).decode()
+    except TypeError:  # orjson.JSONEncodeError: a field outside the ones checked
+        raise RecordRejected("unserializable") from None
     return {
         "tenant_id": _s(r["tenant_id"]),
         "sk": _s(usage_sort_key(float(r["started_at"]), r["request_id"])),
@@ -403,8 +423,8 @@ def _usage_item(r: dict[str, Any]) -> dict[str, Any]:
         "model": _s(str(r["model"])),
         "input_tokens": _n(int(r["input_tokens"])),
         "output_tokens": _n(int(r["output_tokens"])),
-        "cost": _n(float(r["cost"])),
-        "body": _s(orjson.dumps(r).decode()),
+        "cost": _n(0.0 if r["cost"] is None else float(r["cost"])),
+        "body": _s(body),
     }
 
 

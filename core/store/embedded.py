@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from llm_gateway.domain import ApiKey, Route, Tenant
 from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
+from llm_gateway.ledger import RecordRejected, check_record
 from llm_gateway.settings import make_private, make_private_dir
 from llm_gateway.store.base import UsagePage
 from llm_gateway.store.codec import (
@@ -261,19 +262,9 @@ class EmbeddedStore:
         return result
 
     async def write_usage(self, records: list[dict[str, Any]]) -> None:
-        rows = [
-            (
-                r["request_id"],
-                r["tenant_id"],
-                float(r["started_at"]),
-                r["model"],
-                int(r["input_tokens"]),
-                int(r["output_tokens"]),
-                float(r["cost"]),
-                orjson.dumps(r),
-            )
-            for r in records
-        ]
+        """All the records or none. RecordRejected if one of them can never be written (the
+        writer then finds which); ServiceUnavailable if the database is busy or failing."""
+        rows = [_usage_row(r) for r in records]
 
         def tx(c: sqlite3.Connection) -> None:
             # INSERT OR IGNORE: a replayed record (same request_id) is never counted twice.
@@ -281,7 +272,10 @@ class EmbeddedStore:
                 "INSERT OR IGNORE INTO ledger.usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
             )
 
-        await self._write(tx)
+        try:
+            await self._write(tx)
+        except (sqlite3.IntegrityError, sqlite3.DataError) as exc:  # a constraint, a size
+            raise RecordRejected(type(exc).__name__) from None
 
     async def query_usage(
         self,
@@ -325,6 +319,18 @@ class EmbeddedStore:
             records=[orjson.loads(r[0]) for r in rows],
             next_cursor=next_cursor,
         )
+
+
+def _usage_row(r: dict[str, Any]) -> tuple[Any, ...]:
+    check_record(r)
+    try:
+        body = orjson.dumps(r)
+    except TypeError:  # orjson.JSONEncodeError: a field outside the ones checked
+        raise RecordRejected("unserializable") from None
+    # A null cost (not a finite number) counts as 0 in totals; the body keeps the null.
+    cost = 0.0 if r["cost"] is None else float(r["cost"])
+    return (r["request_id"], r["tenant_id"], float(r["started_at"]), r["model"],
+            r["input_tokens"], r["output_tokens"], cost, body)
 
 
 def _insert_key(c: sqlite3.Connection, key: ApiKey) -> None:
