@@ -1,4 +1,4 @@
-"""`llm-gateway` (and `python -m llm_gateway`): serve, fake-upstream."""
+"""`llm-gateway` (and `python -m llm_gateway`): serve, init-dynamodb, fake-upstream, admin."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("init-dynamodb", help="create the DynamoDB tables if missing (idempotent)")
     sub.add_parser("fake-upstream", help="run the fake OpenAI/Anthropic upstream",
                    add_help=False)
+    sub.add_parser("admin", help="manage a running gateway: tenants, keys, models, usage",
+                   add_help=False)
+    if args[:1] == ["admin"]:
+        from llm_gateway.workers.admin_cli import main as admin_main
+
+        admin_main(args[1:])
+        return
     if args[:1] == ["fake-upstream"]:
         from llm_gateway.workers.fake_upstream import main as fake_main
 

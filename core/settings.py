@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -194,6 +194,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class AdminClientEnv(NamedTuple):
+    """What `llm-gateway admin` reads: where the gateway listens and where its admin key is."""
+
+    port: int
+    admin_api_key: str | None
+    data_dir: Path
+
+
+def admin_client_env(env: Mapping[str, str] | None = None) -> AdminClientEnv:
+    """Only the CLI's three variables, so an unrelated invalid one does not stop the CLI."""
+    e = _Env(os.environ if env is None else env)
+    d = Settings()
+    return AdminClientEnv(e.get("SERVER_PORT", _port, d.port),
+                          e.get("ADMIN_API_KEY", _non_empty, None),
+                          e.get("GATEWAY_DATA_DIR", Path, d.data_dir))
 
 
 class _Env:
