@@ -246,7 +246,7 @@ class OutputTally:
     Pieces (text, or raw frames for `extract` to read) gather until TALLY_SLICE characters or
     bytes, then a counting thread counts the slice; at most TALLY_BACKLOG slices wait there
     (`full`, then `room` is awaited, which slows the upstream to the counting). A cut between
-    slices may split a word: about one token more per 32 KiB. `total` gives the count once the
+    slices may split a word: a token or two more per 32 KiB. `total` gives the count once the
     reply has ended; `count` is its synchronous twin, for tests and small replies.
     """
 

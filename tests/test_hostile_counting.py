@@ -369,7 +369,8 @@ def test_an_internal_error_in_a_stream_still_produces_a_record(gw: Gateway,
                                                                up: HostileUpstream) -> None:
     async def reply(request: web.Request) -> web.StreamResponse:
         return await sse(request, [
-            b'data: {"type":"message_start","message":{"id":"m1","usage":[1, 2]}}\n\n'])
+            b'data: {"type":"message_start","message":{"id":"m1","usage":{}}}\n\n',
+            b'data: {"type":"content_block_delta","index":0,"delta":[1]}\n\n'])
 
     up.behave(reply)
     model = model_on(gw, up.url, "anthropic")
@@ -404,12 +405,14 @@ def test_a_non_stream_reply_without_usage_counts_its_output(gw: Gateway, up: Hos
 
 def test_a_huge_non_stream_reply_without_usage_is_counted_off_the_loop(
         gw: Gateway, up: HostileUpstream) -> None:
-    content = "b" * (8 * 2**20)
+    # Serialized once: building it in the handler would hold this process's GIL (and the
+    # probes with it) for a while.
+    body = orjson.dumps(openai_completion(None, content="b" * (8 * 2**20)))
 
     async def reply(request: web.Request) -> web.StreamResponse:
         if not request.path.startswith("/big"):
             return await small_reply(request)
-        return web.json_response(openai_completion(None, content=content))
+        return web.Response(body=body, content_type="application/json")
 
     up.behave(reply)
     model = model_on(gw, f"{up.url}/big/v1", "self-hosted")
