@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import HTTPException
-from llm_gateway import admin
+from llm_gateway import admin, finish
 from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
@@ -169,6 +169,8 @@ class Gateway:
         svc = self.services
         try:
             if svc is not None:
+                # Requests whose usage is still being counted: their records go out first.
+                await finish.drain(svc.settings.shutdown_grace_s)
                 svc.usage.flush()
                 await svc.upstream.aclose()
                 if svc.limiter is not None:

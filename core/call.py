@@ -37,6 +37,7 @@ class Call:
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     trace: RequestTrace | None = None
     error: GatewayError | None = None
+    finished: bool = False  # the end of the request (finish.finish) has run
 
     @property
     def client_wants_usage(self) -> bool:

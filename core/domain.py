@@ -84,7 +84,12 @@ class Route:
 
 @dataclass(slots=True)
 class Usage:
+    """Tokens of one request. `reported`: the upstream gave every number, and each was valid.
+    `generated`: the text of a non-stream reply whose usage was not reported, for the gateway
+    to count at the end of the request (off the response's critical path)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
     reported: bool = field(default=False)
+    generated: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ from llm_gateway.call import Call
 from llm_gateway.errors import RateLimited, ServiceUnavailable
 from llm_gateway.limits import LimiterUnavailable, rate_limit_headers
 from llm_gateway.services import Services
-from llm_gateway.tokens import count_prompt_tokens, encoding_name_for, reservation
+from llm_gateway.tokens import count_prompt, encoding_name_for, reservation
 
 log = logging.getLogger("llm_gateway.limits")
 _LOG_EVERY_S = 30.0
@@ -32,7 +32,8 @@ async def reserve(svc: Services, call: Call) -> None:
     if limiter is None or (tenant.rpm_limit <= 0 and tenant.tpm_limit <= 0):
         return
     if tenant.tpm_limit > 0:
-        call.prompt_tokens = count_prompt_tokens(call.body, call.encoding)
+        # A large prompt is counted in a thread: the loop serves other tenants meanwhile.
+        call.prompt_tokens = await count_prompt(call.body, call.encoding, len(call.raw))
         call.reserved_tokens = reservation(
             call.body, call.prompt_tokens, svc.settings.default_max_tokens, tenant.tpm_limit
         )

@@ -2,10 +2,12 @@
 
     authenticate -> read and check the body -> look up the route -> check the model is allowed
     -> reserve RPM/TPM -> open the upstream (failover inside) -> relay the response
-    -> settle the limits with real usage -> emit one usage record
+    -> settle the limits with real usage -> emit one usage record (`finish`)
 
 Everything provider-specific sits behind the adapter chosen in `router`; everything that can
-go wrong is a GatewayError, turned into OpenAI's error JSON in one place (`app`).
+go wrong is a GatewayError, turned into OpenAI's error JSON in one place (`app`). Once a request
+has reached the limiter, `finish` ends it exactly once, whatever happened: on an error here, after
+a complete reply, or from the relay when a stream is over.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from llm_gateway.call import Call
 from llm_gateway.chat_request import parse_chat, read_body
 from llm_gateway.disconnect import DisconnectWatcher
 from llm_gateway.domain import Tenant
-from llm_gateway.errors import GatewayError, NotFound, PermissionDenied
+from llm_gateway.errors import GatewayError, InternalError, NotFound, PermissionDenied
+from llm_gateway.finish import finish
 from llm_gateway.router import open_upstream
 from llm_gateway.services import Services
 from llm_gateway.streaming import relay_stream
-from llm_gateway.tokens import count_prompt_tokens
-from llm_gateway.usage import usage_record
 
 JSON = b"application/json"
 CLIENT_CLOSED = 499
@@ -62,6 +63,9 @@ async def chat_completions(
     except GatewayError as exc:
         obs.request_rejected(trace, tenant, model, exc)
         raise
+    except Exception:
+        obs.request_rejected(trace, tenant, model, InternalError("internal error"))
+        raise
     call = Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
                 key_id=key.key_id, model=model, body=body, raw=raw,
                 stream=body.get("stream") is True, route=route, trace=trace, t0=t0)
@@ -71,12 +75,20 @@ async def chat_completions(
         if call.stream:
             return await _stream(svc, call, request)
         return await _complete(svc, call, request)
-    except GatewayError as exc:
-        call.status = exc.status
-        call.error = exc
-        exc.headers.update((k.decode(), v.decode()) for k, v in call.response_headers)
-        _finish(svc, call)
+    except BaseException as exc:
+        _failed(call, exc)
+        finish(svc, call)
         raise
+
+
+def _failed(call: Call, exc: BaseException) -> None:
+    if isinstance(exc, GatewayError):
+        call.status, call.error = exc.status, exc
+        exc.headers.update((k.decode(), v.decode()) for k, v in call.response_headers)
+    elif isinstance(exc, asyncio.CancelledError):
+        call.status = CLIENT_CLOSED  # the worker is stopping, or the client left
+    else:  # a bug, or an input nobody foresaw: `app` answers 500; the ledger says so too
+        call.status, call.error = 500, InternalError("The gateway had an internal error.")
 
 
 async def _complete(svc: Services, call: Call, request: Request) -> Response:
@@ -97,7 +109,7 @@ async def _complete(svc: Services, call: Call, request: Request) -> Response:
     call.status = 200
     # Settling, the usage record, metrics and the span end wait for the next loop iteration:
     # the response goes out first.
-    asyncio.get_running_loop().call_soon(_finish, svc, call)
+    asyncio.get_running_loop().call_soon(finish, svc, call)
     return Response(200, call.response_headers, Content(JSON, out))
 
 
@@ -116,7 +128,7 @@ async def _stream(svc: Services, call: Call, request: Request) -> Response:
     translator = opened.provider.stream_translator(
         call.model, call.client_wants_usage, call.encoding
     )
-    return relay_stream(svc, call, watcher, opened, translator, on_end=_finish)
+    return relay_stream(svc, call, watcher, opened, translator)
 
 
 def _client_left(svc: Services, call: Call, watcher: DisconnectWatcher,
@@ -126,25 +138,12 @@ def _client_left(svc: Services, call: Call, watcher: DisconnectWatcher,
     if task is not None:
         task.uncancel()
     call.status = CLIENT_CLOSED
-    _finish(svc, call)
+    finish(svc, call)
     return Response(CLIENT_CLOSED)
 
 
 def _noop() -> None:
     return None
-
-
-def _finish(svc: Services, call: Call) -> None:
-    """Settle the limits with what was really used and hand over the usage record: once per
-    request, off the response's critical path."""
-    if not call.usage.reported and call.status in (200, CLIENT_CLOSED) and call.target:
-        # The upstream reported nothing (a self-hosted server, a cut stream): count it here.
-        if not call.prompt_tokens:
-            call.prompt_tokens = count_prompt_tokens(call.body, call.encoding)
-        call.usage.input_tokens = call.prompt_tokens
-    limiting.settle(svc, call)
-    svc.usage.emit(usage_record(call))
-    obs.request_finished(call)
 
 
 def client_request_id(request: Request) -> str | None:

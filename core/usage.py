@@ -68,6 +68,7 @@ def usage_record(call: Call) -> dict[str, Any]:
         "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
         "stream": call.stream,
         "started_at": call.started_at,
+        "usage_source": "upstream" if usage.reported else "counted",
     }
 
 

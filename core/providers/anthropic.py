@@ -35,8 +35,9 @@ from llm_gateway.errors import (
     UpstreamTimeout,
     clip,
 )
-from llm_gateway.providers.base import UpstreamRequest, upstream_json
+from llm_gateway.providers.base import MAX_TOKENS, UpstreamRequest, token_count, upstream_json
 from llm_gateway.providers.sse import DONE, ChunkEncoder, FrameSplitter, completion_id, data_json
+from llm_gateway.tokens import OutputTally
 
 ANTHROPIC_VERSION = "2023-06-01"
 # pause_turn: a server tool loop paused; what came so far is the answer the client can use.
@@ -330,15 +331,20 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
+    """An optional usage number (the cache fields): 0 unless a valid count."""
+    return token_count(value) or 0
 
 
 def _usage(u: Any) -> Usage:
-    """Anthropic's input_tokens excludes cached tokens; OpenAI's prompt_tokens includes them."""
+    """Anthropic's input_tokens excludes cached tokens; OpenAI's prompt_tokens includes them.
+    Reported only when input_tokens and output_tokens are valid counts."""
     u = u if isinstance(u, dict) else {}
     cached = _int(u.get("cache_read_input_tokens"))
-    prompt = _int(u.get("input_tokens")) + _int(u.get("cache_creation_input_tokens")) + cached
-    return Usage(prompt, _int(u.get("output_tokens")), cached, reported=True)
+    given = token_count(u.get("input_tokens"))
+    prompt = min((given or 0) + _int(u.get("cache_creation_input_tokens")) + cached, MAX_TOKENS)
+    output = token_count(u.get("output_tokens"))
+    reported = given is not None and output is not None
+    return Usage(prompt if given is not None else 0, output or 0, cached, reported=reported)
 
 
 def _openai_usage(u: Usage) -> dict[str, Any]:
@@ -368,6 +374,9 @@ def to_chat_completion(message: dict[str, Any], client_model: str
     if calls:
         reply["tool_calls"] = calls
     usage = _usage(message.get("usage"))
+    if not usage.reported:
+        usage.generated = (*texts, *(c["function"][k] for c in calls for k in ("name", "arguments")
+                                     if isinstance(c["function"][k], str)))
     message_id = message.get("id")
     completion = {
         "id": completion_id(message_id if isinstance(message_id, str) else None),
@@ -397,7 +406,7 @@ class AnthropicStream:
         self._output: int | None = None  # set by message_delta only: the final count
         self._finish: str | None = None
         self._tool_index: dict[Any, int] = {}  # Anthropic block index -> OpenAI tool index
-        self._generated: list[str] = []  # for counting when the upstream never said
+        self.generated = OutputTally(encoding)  # counted when the upstream never says
         self._started = False
         self._ended = False
         self.error: GatewayError | None = None
@@ -431,16 +440,21 @@ class AnthropicStream:
             self._started = True
             if isinstance(message.get("id"), str):
                 self._chunks.set_id(completion_id(message["id"]))
-            self._input.update(message.get("usage") or {})
+            usage = message.get("usage")
+            if isinstance(usage, dict):
+                self._input.update(usage)
             return self._chunks.delta({"role": "assistant", "content": ""})
         if kind == "message_delta":
             self._finish = _finish_reason((data.get("delta") or {}).get("stop_reason"))
-            usage = data.get("usage") or {}
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
             # Usage here is cumulative; newer API versions repeat the input side too.
             self._input.update({k: v for k, v in usage.items() if k != "output_tokens"
                                 and v is not None})
-            if isinstance(usage.get("output_tokens"), int):
-                self._output = usage["output_tokens"]
+            output = token_count(usage.get("output_tokens"))
+            if output is not None:
+                self._output = output
+                self.generated.discard()
             return b""
         if kind == "message_stop":
             return self._stop()
@@ -456,11 +470,11 @@ class AnthropicStream:
         kind = delta.get("type")
         if kind == "text_delta":
             text = delta.get("text") or ""
-            self._generated.append(text)
+            self.generated.add(text)
             return self._chunks.content(text)
         if kind == "input_json_delta":
             part = delta.get("partial_json") or ""
-            self._generated.append(part)
+            self.generated.add(part)
             index = self._tool_index.get(data.get("index"), 0)
             return self._chunks.delta({"tool_calls": [
                 {"index": index, "function": {"arguments": part}}]})
@@ -471,7 +485,7 @@ class AnthropicStream:
         if block.get("type") != "tool_use":
             return b""
         index = self._tool_index.setdefault(data.get("index"), len(self._tool_index))
-        self._generated.append(str(block.get("name") or ""))
+        self.generated.add(str(block.get("name") or ""))
         return self._chunks.delta({"tool_calls": [
             {"index": index, "id": block.get("id"), "type": "function",
              "function": {"name": block.get("name"), "arguments": ""}}]})
@@ -480,7 +494,10 @@ class AnthropicStream:
         self._ended = True
         out = self._chunks.delta({}, self._finish or "stop")
         if self._wants_usage:
-            out += self._chunks.usage(_openai_usage(self.usage()))
+            usage = self.usage()
+            if self._output is None:  # rare: the upstream never said; bounded, see OutputTally
+                usage.output_tokens = self.generated.count()
+            out += self._chunks.usage(_openai_usage(usage))
         return out
 
     def _fail(self, error: GatewayError) -> bytes:
@@ -489,10 +506,5 @@ class AnthropicStream:
         return b"data: " + error.body() + b"\n\n"
 
     def usage(self) -> Usage:
-        prompt = _usage(self._input)
-        if self._output is not None:
-            return Usage(prompt.input_tokens, self._output, prompt.cached_tokens, reported=True)
-        from llm_gateway.tokens import count_text_tokens
-
-        output = count_text_tokens("".join(self._generated), self._encoding)
-        return Usage(prompt.input_tokens, output, prompt.cached_tokens, reported=False)
+        """The reported usage; without an output count, `generated` has to be counted."""
+        return _usage({**self._input, "output_tokens": self._output})

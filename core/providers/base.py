@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
+from llm_gateway.tokens import OutputTally
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +29,16 @@ class StreamTranslator(Protocol):
     `feed` receives chunks exactly as read from the socket (frames may be split anywhere) and
     returns the bytes to send to the client now (possibly empty). `finish` is called once when
     the upstream ended normally and returns the tail (always ending with `data: [DONE]`).
-    `usage()` gives the usage the upstream reported, or counts what was generated so far when
-    it reported none (also after a cut-off stream). `error` is set when the upstream sent an
-    error inside the stream (already relayed to the client as an error event).
+    `usage()` gives the usage the upstream reported; when it reported none (or numbers that are
+    not counts), `reported` is False and `generated` holds what was generated so far (also after
+    a cut-off stream), counted off the event loop: `await generated.total()`. `error` is set
+    when the upstream sent an error inside the stream (already relayed to the client as an
+    error event). A translator holds at most one pending frame (`MAX_FRAME_BYTES`) and one
+    slice of uncounted reply, whatever the stream's length.
     """
 
     error: GatewayError | None
+    generated: OutputTally
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -63,6 +68,18 @@ class Provider(Protocol):
         """An upstream error response -> the error the client sees (classified by status and
         the body's type field, never by message text)."""
         ...
+
+
+# Usage numbers stay exact in a float (JSON readers, the ledger's sums): larger ones are clamped.
+MAX_TOKENS = 2**53
+
+
+def token_count(value: Any) -> int | None:
+    """A usage number from an upstream: a non-negative integer (clamped at 2**53), else None
+    (1e25, -5, "12", true, 12.5 are not counts: the gateway counts itself instead)."""
+    if type(value) is not int or value < 0:
+        return None
+    return min(value, MAX_TOKENS)
 
 
 def upstream_json(content: bytes) -> dict[str, Any]:

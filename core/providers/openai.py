@@ -25,8 +25,15 @@ from llm_gateway.errors import (
     clip,
     error_body,
 )
-from llm_gateway.providers.base import UpstreamRequest, upstream_json
-from llm_gateway.providers.sse import DONE, completion_id, data_json
+from llm_gateway.providers.base import UpstreamRequest, token_count, upstream_json
+from llm_gateway.providers.sse import (
+    DONE,
+    MAX_FRAME_BYTES,
+    completion_id,
+    data_json,
+    frame_too_large,
+)
+from llm_gateway.tokens import OutputTally
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = DONE.rstrip()  # matched against frames without their blank line
@@ -69,7 +76,10 @@ class OpenAIProvider:
             data.setdefault("created", int(time.time()))
             data.setdefault("object", "chat.completion")
             content = orjson.dumps(data)
-        return content, usage_of(data.get("usage"))
+        usage = usage_of(data.get("usage"))
+        if not usage.reported:
+            usage.generated = tuple(_reply_texts(data.get("choices")))
+        return content, usage
 
     def stream_translator(
         self, client_model: str, client_wants_usage: bool, encoding: str
@@ -91,40 +101,99 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 
 def usage_of(u: Any) -> Usage:
+    """OpenAI's usage object; unreported unless both counts are valid numbers."""
     if not isinstance(u, dict):
         return Usage()
-    details = u.get("prompt_tokens_details") or {}
-    return Usage(
-        input_tokens=int(u.get("prompt_tokens") or 0),
-        output_tokens=int(u.get("completion_tokens") or 0),
-        cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
-        reported=True,
-    )
+    prompt, completion = token_count(u.get("prompt_tokens")), token_count(
+        u.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return Usage()
+    details = u.get("prompt_tokens_details")
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return Usage(prompt, completion, min(cached or 0, prompt), reported=True)
+
+
+def _reply_texts(choices: Any) -> list[str]:
+    """What a reply generated, to count when the upstream did not: the content and tool calls of
+    each choice's `message` (a completion) or `delta` (a stream chunk). Anything else is
+    skipped, whatever its shape."""
+    texts: list[str] = []
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message", choice.get("delta"))
+        if not isinstance(message, dict):
+            continue
+        if isinstance(message.get("content"), str):
+            texts.append(message["content"])
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                texts.extend(v for v in (fn.get("name"), fn.get("arguments"))
+                             if isinstance(v, str))
+    return texts
+
+
+def _generated_text(blocks: list[bytes]) -> str:
+    """The text generated in relayed SSE blocks (run in a counting thread)."""
+    texts: list[str] = []
+    for block in blocks:
+        for frame in block.split(b"\n\n"):
+            if not frame.startswith(b"data:") or frame.startswith(_DONE):
+                continue
+            try:
+                data = orjson.loads(frame[5:])
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                texts.extend(_reply_texts(data.get("choices")))
+    return "".join(texts)
 
 
 class OpenAIStream:
-    """Relays OpenAI SSE frames untouched, picking usage out of the frame that carries it."""
+    """Relays OpenAI SSE frames untouched, picking usage out of the frame that carries it.
+
+    Until usage arrives, relayed blocks go to `generated`, which reads and counts them in
+    slices off the event loop, in case the upstream never reports it.
+    """
 
     def __init__(self, client_wants_usage: bool, encoding: str, fill_missing: bool) -> None:
         self._client_wants_usage = client_wants_usage
         self._encoding = encoding
         self._fill_missing = fill_missing
-        self._pending = b""
-        self._seen: list[bytes] = []
+        self._pending: list[bytes] = []  # an unterminated frame, in chunks
+        self._pending_size = 0
+        self._last = b""  # the last block relayed: whether it ended with [DONE]
         self._usage: Usage | None = None
         self._id: str | None = None
         self._created = 0
+        self.generated = OutputTally(encoding, _generated_text)
         self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        buf = self._pending + chunk if self._pending else chunk
+        if not chunk:
+            return b""
+        if self._pending:
+            tail = self._pending[-1][-3:]
+            probe = tail + chunk[:3]
+            if b"\n\n" not in chunk and b"\n\r\n" not in chunk and b"\n\n" not in \
+                    probe.replace(b"\r\n", b"\n"):
+                self._hold(chunk)  # no terminator yet
+                return b""
+            buf = b"".join((*self._pending, chunk))
+            self._pending, self._pending_size = [], 0
+        else:
+            buf = chunk
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
         end = buf.rfind(b"\n\n")
         if end < 0:
-            self._pending = buf
+            self._hold(buf)
             return b""
-        out, self._pending = buf[: end + 2], buf[end + 2 :]
+        out = buf[: end + 2]
+        if end + 2 < len(buf):
+            self._hold(buf[end + 2:])
         if self._fill_missing:
             out = b"".join(self._frame(f) for f in out.split(b"\n\n") if f)
         elif any(m in out for m in _USAGE_MARKERS):
@@ -132,13 +201,27 @@ class OpenAIStream:
             out = b"".join(self._frame(f) if _has_usage(f) else f + b"\n\n"
                            for f in out.split(b"\n\n") if f)
         if _ERROR_MARKER in out:
-            out = scrub_stream_errors(out)
-        self._seen.append(out)
+            scrubbed = scrub_stream_errors(out)
+            if scrubbed != out and self.error is None:  # recorded as the failure it is
+                self.error = UpstreamError(STREAM_ERROR_MESSAGE)
+            out = scrubbed
+        if self._usage is None:
+            self.generated.add(out)
+        self._last = out
         return out
 
+    def _hold(self, data: bytes) -> None:
+        self._pending_size += len(data)
+        if self._pending_size > MAX_FRAME_BYTES:
+            self._pending, self._pending_size = [], 0
+            raise frame_too_large()
+        self._pending.append(data)
+
     def finish(self) -> bytes:
-        tail = self.feed(b"\n\n") if self._pending.strip() else b""
-        if _DONE not in tail and not any(_DONE in s for s in self._seen[-1:]):
+        rest = b"".join(self._pending)
+        tail = self.feed(b"\n\n") if rest.strip() else b""
+        self._pending, self._pending_size = [], 0
+        if _DONE not in tail and _DONE not in self._last:
             tail += _DONE + b"\n\n"
         return tail
 
@@ -152,7 +235,10 @@ class OpenAIStream:
         if not isinstance(data, dict):
             return frame + b"\n\n"
         if isinstance(data.get("usage"), dict):
-            self._usage = usage_of(data["usage"])
+            usage = usage_of(data["usage"])
+            if usage.reported:
+                self._usage = usage
+                self.generated.discard()
             if not self._client_wants_usage and not data.get("choices"):
                 return b""
         if self._fill_missing and ("id" not in data or "created" not in data):
@@ -165,31 +251,7 @@ class OpenAIStream:
         return frame + b"\n\n"
 
     def usage(self) -> Usage:
-        if self._usage is not None:
-            return self._usage
-        return Usage(output_tokens=self._count_generated(), reported=False)
-
-    def _count_generated(self) -> int:
-        from llm_gateway.tokens import count_text_tokens
-
-        parts: list[str] = []
-        for block in self._seen:
-            for frame in block.split(b"\n\n"):
-                if not frame.startswith(b"data:") or frame.startswith(_DONE):
-                    continue
-                try:
-                    data = orjson.loads(frame[5:])
-                except orjson.JSONDecodeError:
-                    continue
-                for choice in data.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    if isinstance(delta.get("content"), str):
-                        parts.append(delta["content"])
-                    for call in delta.get("tool_calls") or ():
-                        fn = call.get("function") or {}
-                        parts.append(fn.get("name") or "")
-                        parts.append(fn.get("arguments") or "")
-        return count_text_tokens("".join(parts), self._encoding) if parts else 0
+        return self._usage if self._usage is not None else Usage()
 
 
 def scrub_stream_errors(block: bytes) -> bytes:
@@ -201,7 +263,7 @@ def scrub_stream_errors(block: bytes) -> bytes:
         if not frame:
             continue
         data = data_json(frame) if _ERROR_MARKER in frame else None
-        if isinstance(data, dict) and "error" in data:
+        if isinstance(data, dict) and "error" in data and "choices" not in data:
             frame = b"data: " + error_body(STREAM_ERROR_MESSAGE, "upstream_error",
                                            "upstream_error")
         out.append(frame + b"\n\n")

@@ -7,6 +7,10 @@ These run once per upstream chunk, so they avoid regexes and re-encoding constan
 - `frame_data` / `data_json` read an event's `data` field;
 - `ChunkEncoder` writes `chat.completion.chunk` frames that share one id/created/model;
 - `sse_data`, `completion_id` and `DONE` are the small pieces around them.
+
+A pending (unterminated) event is held up to `MAX_FRAME_BYTES`; past that the stream ends with
+a 502 `upstream_response_too_large` error event, so an upstream cannot grow a worker's memory
+by never ending an event.
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ import uuid
 from typing import Any
 
 import orjson
+from llm_gateway.errors import UpstreamError
 
 DONE = b"data: [DONE]\n\n"
+MAX_FRAME_BYTES = 1 << 20
+
+
+def frame_too_large() -> UpstreamError:
+    return UpstreamError(
+        f"the upstream provider sent a stream event larger than {MAX_FRAME_BYTES} bytes",
+        code="upstream_response_too_large")
 
 
 def completion_id(suffix: str | None = None) -> str:
@@ -33,16 +45,15 @@ def sse_data(obj: Any) -> bytes:
 class FrameSplitter:
     """Splits an SSE byte stream into whole events (without their blank-line terminator).
 
-    Bytes after the last complete event are kept for the next `feed`; the search for the next
-    terminator resumes where the previous one stopped, so a large event arriving in many small
-    chunks is not rescanned from its start each time.
+    Bytes after the last complete event wait, as a list of chunks, until a chunk brings a
+    terminator: a large event arriving in many small chunks is joined once, not once per chunk.
     """
 
-    __slots__ = ("_buf", "_cr", "_scanned")
+    __slots__ = ("_cr", "_parts", "_size")
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._scanned = 0
+        self._parts: list[bytes] = []
+        self._size = 0
         self._cr = False  # the last chunk ended in "\r": its "\n" may be in the next one
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -52,25 +63,38 @@ class FrameSplitter:
             if chunk.endswith(b"\r"):
                 chunk, self._cr = chunk[:-1], True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._buf + chunk if self._buf else chunk
+        if not chunk:
+            return []
+        if self._parts and b"\n\n" not in chunk and not (
+                chunk[:1] == b"\n" and self._parts[-1][-1:] == b"\n"):
+            self._hold(chunk)  # no terminator yet: nothing to split
+            return []
+        buf = b"".join((*self._parts, chunk)) if self._parts else chunk
+        self._parts, self._size = [], 0
         frames: list[bytes] = []
         start = 0
-        # A terminator can straddle the old and new bytes: step back one byte.
-        at = buf.find(b"\n\n", max(0, self._scanned - 1))
+        at = buf.find(b"\n\n")
         while at >= 0:
             frame = buf[start:at]
             if frame.strip():
                 frames.append(frame.lstrip(b"\n") if frame[:1] == b"\n" else frame)
             start = at + 2
             at = buf.find(b"\n\n", start)
-        self._buf = buf[start:] if start else buf
-        self._scanned = len(self._buf)
+        if start < len(buf):
+            self._hold(buf[start:] if start else buf)
         return frames
+
+    def _hold(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > MAX_FRAME_BYTES:
+            self._parts, self._size = [], 0
+            raise frame_too_large()
+        self._parts.append(data)
 
     def rest(self) -> bytes:
         """An unterminated last event, if the stream ended without a blank line."""
-        rest = self._buf.strip()
-        self._buf, self._scanned, self._cr = b"", 0, False
+        rest = b"".join(self._parts).strip()
+        self._parts, self._size, self._cr = [], 0, False
         return rest
 
 
