@@ -23,7 +23,7 @@ from llm_gateway.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from llm_gateway.limits import Limiter
+from llm_gateway.limits import Limiter, LimiterUnavailable
 from llm_gateway.pipeline import chat_completions, client_request_id, new_request_id
 from llm_gateway.providers import build_providers
 from llm_gateway.services import Services
@@ -57,7 +57,25 @@ async def readyz(svc: Services, request: Request, rid: str) -> Response:
     except Exception as exc:
         log.warning("readiness check failed: %s", type(exc).__name__)
         raise ServiceUnavailable("the store is not reachable", code="store_unavailable") from None
-    return admin.json_response({"status": "ready", "circuit_breakers": svc.breakers.states()})
+    limiter = await _limiter_state(svc)
+    return admin.json_response({"status": "ready", "limiter": limiter,
+                                "circuit_breakers": svc.breakers.states()})
+
+
+async def _limiter_state(svc: Services) -> str:
+    """`ok`, `off` (none configured) or `degraded` (failing open): requests are served either
+    way. Failing closed, requests would all get 503, so the worker is not ready."""
+    if svc.limiter is None:
+        return "off"
+    try:
+        await svc.limiter.ping()
+    except LimiterUnavailable as exc:
+        log.warning("readiness: rate limiter unavailable: %s", exc)
+        if not svc.settings.limiter_fail_open:
+            raise ServiceUnavailable("the rate limiter is not reachable",
+                                     code="rate_limiter_unavailable") from None
+        return "degraded"
+    return "ok"
 
 
 async def metrics(svc: Services, request: Request, rid: str) -> Response:
