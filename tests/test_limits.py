@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import multiprocessing as mp
 import os
 import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,24 +88,34 @@ async def _admitted(kind: str, where: str, args: tuple[Any, ...], total: int,
     return sum(counts)
 
 
+async def _exactly(n: int, admitted: Awaitable[int]) -> None:
+    """`n` fit in the bucket, and one more every 60/n s: a burst over within 60/n s (0.4 s for
+    150) admits exactly n. On a machine so loaded that it lasts longer, the refill of that time
+    is all it may add."""
+    t = time.monotonic()
+    got = await admitted
+    refilled = math.floor((time.monotonic() - t) * n / 60)
+    assert n <= got <= n + refilled, (got, n, refilled)
+
+
 @pytest.mark.parametrize("start_in_parent", [False, True])
 async def test_embedded_rpm_exact_across_forked_workers(tmp_path: Path,
                                                         start_in_parent: bool) -> None:
     EmbeddedLimiter.reset(tmp_path)
-    n = 150  # refills one request per 0.4 s: the burst is over long before
+    n = 150
     args = (_tenant("rpm"), n, 0, 0)
-    assert await _admitted("embedded", str(tmp_path), args, 3 * n, processes=3,
-                           start_in_parent=start_in_parent) == n
+    await _exactly(n, _admitted("embedded", str(tmp_path), args, 3 * n, processes=3,
+                                start_in_parent=start_in_parent))
 
 
 async def test_rpm_exact_across_processes(backend: tuple[str, str]) -> None:
     n = 150
-    assert await _admitted(*backend, (_tenant("rpm"), n, 0, 0), 3 * n) == n
+    await _exactly(n, _admitted(*backend, (_tenant("rpm"), n, 0, 0), 3 * n))
 
 
 async def test_tpm_exact_across_processes(backend: tuple[str, str]) -> None:
-    # 10,500 tokens per minute, 70 per request: exactly 150 fit (0.4 s to the next).
-    assert await _admitted(*backend, (_tenant("tpm"), 0, 10_500, 70), 450) == 150
+    # 10,500 tokens per minute, 70 per request: exactly 150 fit, and one more every 0.4 s.
+    await _exactly(150, _admitted(*backend, (_tenant("tpm"), 0, 10_500, 70), 450))
 
 
 # --- semantics ------------------------------------------------------------------------------
