@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,8 +54,12 @@ def broken(server: RedisServer, kind: str) -> Iterator[None]:
             _until(lambda: _cli(port, "PING").startswith("BUSY"), "BUSY replies")
         elif kind == "READONLY":
             primary = undo.enter_context(redis_process())
-            # A replica saves what it receives to its dir (by default the current one).
-            _cli(port, "CONFIG", "SET", "dir", undo.enter_context(tempfile.TemporaryDirectory()))
+            # A sync through the socket, not an RDB file in the current directory (`dir` is a
+            # protected config in Redis 7: it cannot be moved at run time).
+            _cli(primary.port, "CONFIG", "SET", "repl-diskless-sync", "yes")
+            _cli(primary.port, "CONFIG", "SET", "repl-diskless-sync-delay", "0")
+            _cli(port, "CONFIG", "SET", "repl-diskless-load", "swapdb")
+            undo.callback(_cli, port, "CONFIG", "SET", "repl-diskless-load", "disabled")
             undo.callback(_cli, port, "REPLICAOF", "NO", "ONE")
             _cli(port, "REPLICAOF", "127.0.0.1", str(primary.port))
             _until(lambda: "master_link_status:up" in _cli(port, "INFO", "replication"),
