@@ -24,7 +24,7 @@ from llm_gateway.errors import (
     ServiceUnavailable,
     clip,
 )
-from llm_gateway.limits import Limiter
+from llm_gateway.limits import Limiter, LimiterUnavailable
 from llm_gateway.pipeline import chat_completions, client_request_id, new_request_id
 from llm_gateway.providers import build_providers
 from llm_gateway.services import Services
@@ -58,8 +58,26 @@ async def readyz(svc: Services, request: Request, rid: str) -> Response:
     except Exception as exc:
         log.warning("readiness check failed: %s", type(exc).__name__)
         raise ServiceUnavailable("the store is not reachable", code="store_unavailable") from None
+    limiter = await _limiter_state(svc)
     breakers = {target_label(n): state for n, state in svc.breakers.states().items()}
-    return admin.json_response({"status": "ready", "circuit_breakers": breakers})
+    return admin.json_response({"status": "ready", "limiter": limiter,
+                                "circuit_breakers": breakers})
+
+
+async def _limiter_state(svc: Services) -> str:
+    """`ok`, `off` (none configured) or `degraded` (failing open): requests are served either
+    way. Failing closed, requests would all get 503, so the worker is not ready."""
+    if svc.limiter is None:
+        return "off"
+    try:
+        await svc.limiter.ping()
+    except LimiterUnavailable as exc:
+        log.warning("readiness: rate limiter unavailable: %s", exc)
+        if not svc.settings.limiter_fail_open:
+            raise ServiceUnavailable("the rate limiter is not reachable",
+                                     code="rate_limiter_unavailable") from None
+        return "degraded"
+    return "ok"
 
 
 async def metrics(svc: Services, request: Request, rid: str) -> Response:

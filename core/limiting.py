@@ -15,7 +15,7 @@ import time
 from llm_gateway import observability as obs
 from llm_gateway.call import Call
 from llm_gateway.errors import RateLimited, ServiceUnavailable
-from llm_gateway.limits import LimiterUnavailable, rate_limit_headers
+from llm_gateway.limits import LimiterFault, LimiterUnavailable, rate_limit_headers
 from llm_gateway.services import Services
 from llm_gateway.tokens import count_prompt, encoding_name_for, reservation
 
@@ -96,10 +96,12 @@ async def _settle(svc: Services, tenant_id: str, tpm: int, reserved: int, actual
         _limiter_down(exc)
 
 
-def _limiter_down(exc: Exception) -> None:
+def _limiter_down(exc: LimiterUnavailable) -> None:
     global _last_logged
     obs.limiter_error()
     now = time.monotonic()
     if now - _last_logged >= _LOG_EVERY_S:
         _last_logged = now
-        log.warning("rate limiter unavailable (%s); failing %s", exc, "per settings")
+        # A fault will not pass by itself (a bug, a foreign key): say so louder.
+        level = logging.ERROR if isinstance(exc, LimiterFault) else logging.WARNING
+        log.log(level, "rate limiter unavailable (%s); GATEWAY_LIMITER_FAILURE_MODE applies", exc)

@@ -2,22 +2,27 @@
 
     with running([sys.executable, "-m", "pkg", "--port", str(port)], health_url) as proc:
         ...
+
+Run a function in forked children and collect what they return (`forked`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 
 def free_port() -> int:
@@ -87,3 +92,76 @@ def _wait_healthy(
             state = f"exited with {proc.returncode}" if proc.returncode is not None else "timed out"
             raise RuntimeError(f"{name} {state} before {url} was healthy:\n{output}")
         time.sleep(0.05)  # poll interval, not a guess at start-up time
+
+
+class ChildFailed(AssertionError):
+    """A forked child raised or died before returning: its exit code and traceback."""
+
+
+def forked(target: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *,
+           deadline_s: float = 60.0) -> list[Any]:
+    """`target(*args)` in one forked child per `args` in `calls`; their return values. The
+    first child to raise or die fails the caller at once with its exit code and traceback (not
+    a bare `queue.Empty` much later), and the other children are stopped: none is left waiting
+    at a barrier for it, nor holds up the end of the test session."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_report, args=(out, i, target, args), daemon=True)
+             for i, args in enumerate(calls)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + deadline_s
+    try:
+        while len(results) < len(procs):
+            i, ok, value = _next_report(procs, results, out, deadline)
+            if not ok:
+                procs[i].join(5)
+                raise ChildFailed(f"child {i} (pid {procs[i].pid}) raised, exit code "
+                                  f"{procs[i].exitcode}:\n{value}")
+            results[i] = value
+        for p in procs:
+            p.join(10)
+            assert p.exitcode == 0, f"child pid {p.pid}: exit code {p.exitcode} after its result"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [results[i] for i in range(len(procs))]
+
+
+def _next_report(procs: list[Any], results: dict[int, Any], out: Any,
+                 deadline: float) -> tuple[int, bool, Any]:
+    """The next (child index, ok, result or traceback); ChildFailed for a child that exited
+    without a word, or when time is up."""
+    while True:
+        try:
+            return out.get(timeout=0.1)  # type: ignore[no-any-return]  # poll: check children
+        except queue.Empty:
+            pass
+        silent = [(i, p) for i, p in enumerate(procs)
+                  if i not in results and p.exitcode is not None]
+        if silent:
+            try:  # a child flushes its queue before it exits: a result sent is here by now
+                return out.get(timeout=1.0)  # type: ignore[no-any-return]
+            except queue.Empty:
+                i, p = silent[0]
+                raise ChildFailed(f"child {i} (pid {p.pid}) exited with code {p.exitcode} "
+                                  "without a result (its stderr is in the captured output)"
+                                  ) from None
+        if time.monotonic() > deadline:
+            waiting = [p.pid for i, p in enumerate(procs) if i not in results]
+            raise ChildFailed(f"no result in time from children {waiting} (still running)")
+
+
+def _report(out: Any, i: int, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        result = target(*args)
+    except BaseException:
+        out.put((i, False, traceback.format_exc()))
+        out.close()
+        out.join_thread()  # the traceback reaches the parent before this process exits
+        os._exit(1)
+    out.put((i, True, result))
+

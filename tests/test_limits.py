@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import multiprocessing as mp
 import os
 import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,19 @@ from llm_gateway.limits.embedded import EmbeddedLimiter, TableFull
 from llm_gateway.limits.redis import RedisLimiter, bucket_key
 
 from tests.conftest import RedisServer, redis_process
-from tests.procs import free_port
+from tests.procs import forked, free_port
 
 FORK = mp.get_context("fork")
+# These tests check what the limiter answers, not how fast: a Redis or a child process left
+# unscheduled for a moment on a loaded machine must not turn into LimiterUnavailable, as the
+# production deadline (0.25 s, tested by itself below) would make it.
+PATIENT_S = 10.0
 
 
 def _make(kind: str, where: str) -> Any:
-    return EmbeddedLimiter(Path(where)) if kind == "embedded" else RedisLimiter(where)
+    if kind == "embedded":
+        return EmbeddedLimiter(Path(where))
+    return RedisLimiter(where, timeout_s=PATIENT_S)
 
 
 def _tenant(prefix: str) -> str:
@@ -49,8 +56,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
 
 # --- exactness across processes ---------------------------------------------------------------
 
-def _child(limiter: Any, kind: str, where: str, args: tuple[Any, ...], n: int, ready: Any,
-           out: Any) -> None:
+def _burst(limiter: Any, kind: str, where: str, args: tuple[Any, ...], n: int,
+           ready: Any) -> int:
+    """In a forked child: `n` concurrent reserves once every child is connected; admissions."""
     async def burst() -> int:
         lim = limiter or _make(kind, where)
         if limiter is None:
@@ -60,7 +68,7 @@ def _child(limiter: Any, kind: str, where: str, args: tuple[Any, ...], n: int, r
         await lim.aclose()
         return sum(d.allowed for d in results)
 
-    out.put(asyncio.run(burst()))
+    return asyncio.run(burst())
 
 
 async def _admitted(kind: str, where: str, args: tuple[Any, ...], total: int,
@@ -70,38 +78,44 @@ async def _admitted(kind: str, where: str, args: tuple[Any, ...], total: int,
     if start_in_parent:  # the limiter is opened before the fork, as a warmed-up parent would
         parent = _make(kind, where)
         await parent.start()
-    ready, out = FORK.Barrier(processes), FORK.Queue()
-    procs = [FORK.Process(target=_child, args=(parent, kind, where, args, total // processes,
-                                                ready, out)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    admitted = sum(out.get(timeout=30) for _ in procs)
-    for p in procs:
-        p.join(10)
-        assert p.exitcode == 0
-    if parent is not None:
-        await parent.aclose()
-    return admitted
+    ready = FORK.Barrier(processes, timeout=30)  # a sibling that died breaks it, not hangs it
+    try:
+        counts = forked(_burst, [(parent, kind, where, args, total // processes, ready)]
+                        * processes)
+    finally:
+        if parent is not None:
+            await parent.aclose()
+    return sum(counts)
+
+
+async def _exactly(n: int, admitted: Awaitable[int]) -> None:
+    """`n` fit in the bucket, and one more every 60/n s: a burst over within 60/n s (0.4 s for
+    150) admits exactly n. On a machine so loaded that it lasts longer, the refill of that time
+    is all it may add."""
+    t = time.monotonic()
+    got = await admitted
+    refilled = math.floor((time.monotonic() - t) * n / 60)
+    assert n <= got <= n + refilled, (got, n, refilled)
 
 
 @pytest.mark.parametrize("start_in_parent", [False, True])
 async def test_embedded_rpm_exact_across_forked_workers(tmp_path: Path,
                                                         start_in_parent: bool) -> None:
     EmbeddedLimiter.reset(tmp_path)
-    n = 150  # refills one request per 0.4 s: the burst is over long before
+    n = 150
     args = (_tenant("rpm"), n, 0, 0)
-    assert await _admitted("embedded", str(tmp_path), args, 3 * n, processes=3,
-                           start_in_parent=start_in_parent) == n
+    await _exactly(n, _admitted("embedded", str(tmp_path), args, 3 * n, processes=3,
+                                start_in_parent=start_in_parent))
 
 
 async def test_rpm_exact_across_processes(backend: tuple[str, str]) -> None:
     n = 150
-    assert await _admitted(*backend, (_tenant("rpm"), n, 0, 0), 3 * n) == n
+    await _exactly(n, _admitted(*backend, (_tenant("rpm"), n, 0, 0), 3 * n))
 
 
 async def test_tpm_exact_across_processes(backend: tuple[str, str]) -> None:
-    # 10,500 tokens per minute, 70 per request: exactly 150 fit (0.4 s to the next).
-    assert await _admitted(*backend, (_tenant("tpm"), 0, 10_500, 70), 450) == 150
+    # 10,500 tokens per minute, 70 per request: exactly 150 fit, and one more every 0.4 s.
+    await _exactly(150, _admitted(*backend, (_tenant("tpm"), 0, 10_500, 70), 450))
 
 
 # --- semantics ------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from llm_gateway.limits.base import (
     Decision,
     Limiter,
+    LimiterFault,
     LimiterUnavailable,
     rate_limit_headers,
 )
 
-__all__ = ["Decision", "Limiter", "LimiterUnavailable", "rate_limit_headers"]
+__all__ = ["Decision", "Limiter", "LimiterFault", "LimiterUnavailable", "rate_limit_headers"]

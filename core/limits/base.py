@@ -22,7 +22,14 @@ from typing import Protocol
 
 
 class LimiterUnavailable(Exception):
-    """The limiter's store cannot be reached (or cannot hold another tenant)."""
+    """The limiter has no answer: its store is unreachable, too slow, refusing (Redis' OOM,
+    BUSY, READONLY...) or cannot hold another tenant. `GATEWAY_LIMITER_FAILURE_MODE` decides
+    whether the request is served (open) or refused with 503 (closed)."""
+
+
+class LimiterFault(LimiterUnavailable):
+    """The store refused in a way no outage explains (an error inside the script, a key of
+    another type): the same policy applies, but it is logged as an error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,10 @@ class Limiter(Protocol):
     async def settle(
         self, tenant_id: str, tpm_limit: int, reserved: int, actual: int
     ) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise LimiterUnavailable unless the store can serve a check now (for /readyz)."""
+        ...
 
     async def aclose(self) -> None: ...
 

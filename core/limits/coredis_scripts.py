@@ -16,16 +16,21 @@ import coredis
 import coredis.exceptions as cx
 import coredis.retry
 from coredis.connection import TCPLocation
+from llm_gateway.limits import replies
 from llm_gateway.limits.base import LimiterUnavailable
 
-# What "the store cannot be reached" looks like through coredis; anything else is a bug.
+# What "the store cannot be reached" looks like through coredis. coredis turns the error replies
+# it knows into classes (and drops their prefix from the text): those meaning "not now" are
+# here. Any other error reply is a plain ResponseError that keeps its prefix, which
+# `replies.translate` reads (OOM, BUSY, MASTERDOWN...). Anything else is a bug.
 _ERRORS: tuple[type[BaseException], ...] = (
-    cx.ConnectionError,  # includes BusyLoadingError, ProtocolError
+    cx.ConnectionError,  # includes BusyLoadingError (LOADING), ProtocolError
     cx.ClusterError,
     cx.ClusterDownError,
     cx.ReadOnlyError,  # a failed-over primary that is now a replica
     cx.TryAgainError,
-    cx.AuthenticationError,
+    cx.AuthenticationError,  # NOAUTH, WRONGPASS
+    cx.AuthorizationError,  # NOPERM
     TimeoutError,
     OSError,
 )
@@ -86,6 +91,8 @@ class CoredisScripts:
                 results = await self._run(batch)
             except _ERRORS as exc:
                 results = [LimiterUnavailable(f"redis: {exc!r}")] * len(batch)
+            except cx.ResponseError as exc:
+                results = [replies.translate(str(exc))] * len(batch)
             except Exception as exc:  # a bug: still wake every waiter, with the error
                 results = [exc] * len(batch)
             for (_, _, done), result in zip(batch, results, strict=True):
@@ -117,7 +124,7 @@ class CoredisScripts:
                 except _ERRORS as exc:
                     results[i] = LimiterUnavailable(f"redis: {exc!r}")
                 except cx.ResponseError as exc:
-                    results[i] = exc
+                    results[i] = replies.translate(str(exc))
             if not missing:
                 break
             if attempt == 0:

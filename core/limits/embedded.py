@@ -108,6 +108,13 @@ class EmbeddedLimiter:
             idle_at = max(idle_at, now + full_in(t, tpm_limit))
             _SLOT.pack_into(table, offset, key, r, r_at, t, now, idle_at)
 
+    async def ping(self) -> None:
+        """The table is mapped and its lock can be taken."""
+        if self._map is None:
+            raise LimiterUnavailable("the embedded limiter is not started")
+        with self._locked():
+            pass
+
     def _locked(self) -> _Lock:
         if self._map is None:
             raise RuntimeError("EmbeddedLimiter used before start()")

@@ -22,8 +22,9 @@ import asyncio
 import hashlib
 from typing import Any, Protocol
 
+from llm_gateway.limits import replies
 from llm_gateway.limits.base import Decision, LimiterUnavailable, decision
-from llm_gateway.limits.resp import Address, ScriptChannel
+from llm_gateway.limits.resp import Address, ReplyError, ScriptChannel
 
 # KEYS[1]: the tenant's bucket hash. ARGV: mode, rpm_limit, tpm_limit, n[, refund].
 # "reserve": n = tokens to reserve, after adding `refund` (earlier requests' reserved - actual,
@@ -88,6 +89,11 @@ return {allowed, denied, f(wait), f(r), f(t), never}
 REFUND_WAIT_S = 0.005
 
 
+# /readyz runs the script on this key, outside every tenant's `llmgw:{...}:buckets`: a write
+# through the same script, so OOM, READONLY or BUSY show there as they would on a request.
+HEALTH_KEY = "llmgw:health"
+
+
 def bucket_key(tenant_id: str) -> str:
     return f"llmgw:{{{tenant_id}}}:buckets"
 
@@ -118,6 +124,8 @@ class _Lean:
             return await self._channel.call([key], args)
         except ConnectionError as exc:
             raise LimiterUnavailable(str(exc)) from None
+        except ReplyError as exc:
+            raise replies.translate(str(exc)) from None
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -151,6 +159,10 @@ class RedisLimiter:
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
         await self._scripts.aclose()
+
+    async def ping(self) -> None:
+        """A settle of nothing on HEALTH_KEY: one script call, with the calls' own timeout."""
+        await self._scripts.call(HEALTH_KEY, ["settle", 0, 1, 0])
 
     async def __aenter__(self) -> RedisLimiter:
         await self.start()

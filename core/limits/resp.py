@@ -10,7 +10,8 @@ in order and resolve their callers' futures.
 Redis Cluster still goes through coredis (`coredis_scripts`), which routes keys to their nodes.
 
 Any connection error or timeout fails every call in flight with `ConnectionError` (the limiter
-turns it into LimiterUnavailable) and drops the connection; the next call reconnects.
+turns it into LimiterUnavailable) and drops the connection; the next call reconnects. An error
+reply (`-OOM ...`) fails only its own call, with ReplyError, and keeps the connection.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ class ReplyError(Exception):
     """Redis answered a command with an error reply (`-ERR ...`)."""
 
     @property
+    def prefix(self) -> str:
+        """The error code, e.g. `OOM`: the reply's first word."""
+        return str(self).split(" ", 1)[0]
+
+    @property
     def noscript(self) -> bool:
-        return str(self).startswith("NOSCRIPT")
+        return self.prefix == "NOSCRIPT"
 
 
 @dataclass(frozen=True, slots=True)
