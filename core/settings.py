@@ -63,6 +63,7 @@ class Settings:
 
     usage_queue_max: int = 100_000
     limiter_fail_open: bool = True
+    limiter_timeout_s: float = 0.25
     default_max_tokens: int = 4096
     tokenizer_fallback: str = "cl100k_base"
 
@@ -119,6 +120,7 @@ class Settings:
             breaker_reset_s=e.get("GATEWAY_BREAKER_RESET_S", _positive_float, 30.0),
             usage_queue_max=e.get("GATEWAY_USAGE_QUEUE_MAX", _positive_int, 100_000),
             limiter_fail_open=e.get("GATEWAY_LIMITER_FAILURE_MODE", _fail_mode, True),
+            limiter_timeout_s=e.get("GATEWAY_LIMITER_TIMEOUT_MS", _positive_int, 250) / 1000,
             default_max_tokens=e.get("GATEWAY_DEFAULT_MAX_TOKENS", _positive_int, 4096),
             tokenizer_fallback=e.get("GATEWAY_TOKENIZER_FALLBACK", _encoding, "cl100k_base"),
             metrics_enabled=e.get("GATEWAY_METRICS", _bool, True),

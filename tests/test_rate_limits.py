@@ -151,7 +151,9 @@ def test_reconciliation_returns_unused_tokens(gateway: Gateway, mode: str) -> No
 
 def test_two_instances_share_redis_exactly(tmp_path: Path, redis: RedisServer,
                                            slow_upstream: FakeUpstream) -> None:
-    env = {"REDIS_ADDR": redis.addr}
+    # A patient limiter: on a loaded machine a reply may take longer than the default 250 ms,
+    # and failing open would then admit more than the limit.
+    env = {"REDIS_ADDR": redis.addr, "GATEWAY_LIMITER_TIMEOUT_MS": "5000"}
     with gateway_process(tmp_path, **env) as a, gateway_process(tmp_path, **env) as b:
         key, model = _tenant(a, slow_upstream, rpm_limit=12)
         responses = asyncio.run(_burst([a.url, b.url], key, model, 36))

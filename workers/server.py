@@ -44,7 +44,8 @@ def make_limiter(settings: Settings) -> Limiter | None:
     if settings.redis_addr:
         from llm_gateway.limits.redis import RedisLimiter
 
-        return RedisLimiter(settings.redis_addr, cluster=settings.redis_cluster)
+        return RedisLimiter(settings.redis_addr, cluster=settings.redis_cluster,
+                            timeout_s=settings.limiter_timeout_s)
     from llm_gateway.limits.embedded import EmbeddedLimiter
 
     return EmbeddedLimiter(settings.data_dir)
