@@ -124,7 +124,7 @@ def test_usage_table(gateway: Gateway, upstream: FakeUpstream, tmp_path: Path) -
     model, tenant = unique("cli-usage"), unique("cli-usage")
     admin(gateway, tmp_path, "models", "put", model, "--target",
           f"provider=openai,base_url={upstream.openai_base},model=gpt-4o-mini",
-          "--input-price", "1000000", "--output-price", "2000000")
+          "--input-price", "500000", "--output-price", "1000000")
     key = admin_json(gateway, tmp_path, "tenants", "create", tenant)["api_key"]
     with openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0) as client:
         for n in (3, 4):
@@ -136,12 +136,12 @@ def test_usage_table(gateway: Gateway, upstream: FakeUpstream, tmp_path: Path) -
         time.sleep(0.1)  # poll interval while the writer drains
     # the fake counts 3 prompt tokens for "a b" and answers max_tokens words
     assert data["totals"] == {"requests": 2, "input_tokens": 6, "output_tokens": 7,
-                              "cost": pytest.approx(6 * 1.0 + 7 * 2.0)}
+                              "cost": pytest.approx(6 * 0.5 + 7 * 1.0)}
 
     lines = admin(gateway, tmp_path, "usage", tenant).splitlines()
     assert lines[0] == f"tenant {tenant}: totals"
     assert lines[1].split() == ["REQUESTS", "INPUT_TOKENS", "OUTPUT_TOKENS", "COST_$"]
-    assert lines[2].split() == ["2", "6", "7", "20"]
+    assert lines[2].split() == ["2", "6", "7", "10"]
     assert lines[1].index("COST_$") + len("COST_$") == len(lines[2])  # right-aligned numbers
     records = lines[lines.index("records:") + 1:]
     assert len(records) == 3 and records[0].split()[:4] == ["STARTED", "MODEL", "PROVIDER",
