@@ -18,6 +18,7 @@ body), so a test can assert what the gateway sent. Every path and method reaches
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -117,3 +118,22 @@ def hostile_upstream(handler: Handler) -> Iterator[HostileUpstream]:
         assert up.loop is not None and stop is not None
         up.loop.call_soon_threadsafe(stop.set_result, None)
         thread.join(10)
+
+
+async def huge_completion(request: web.Request, mib: int) -> web.StreamResponse:
+    """A valid chat.completion whose content is `mib` MiB of "x", made as it is written (never
+    held in memory) and sent chunked, without Content-Length: only the reader can stop it.
+    A reader that stops early ends the writing quietly."""
+    head, _, tail = json.dumps(openai_completion(content="@")).encode().partition(b'"@"')
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    block = b"x" * 2**20
+    try:
+        await resp.write(head + b'"')
+        for _ in range(mib):
+            await resp.write(block)
+        await resp.write(b'"' + tail)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+    return resp
