@@ -1,7 +1,8 @@
 """Anthropic Messages (the client) <-> OpenAI Chat Completions (`openai`, `self-hosted` upstreams).
 
 Request (`to_chat_request`, after `check_messages_body`):
-- `system` (a string, or text blocks joined with a blank line) becomes one system message;
+- `system` (a string, or text blocks joined with a blank line) becomes one system message, and
+  so does each message with role `system` (which the SDK's `MessageParam` now allows);
 - text and image blocks become content parts (a base64 source a data URL, a `url` source its URL;
   a lone text block stays a plain string, which every self-hosted server reads);
 - assistant `tool_use` blocks become `tool_calls`, their input as JSON text;
@@ -15,8 +16,9 @@ Request (`to_chat_request`, after `check_messages_body`):
 - `max_tokens` -> `max_completion_tokens` for OpenAI (its reasoning models refuse `max_tokens`),
   `max_tokens` for self-hosted servers (vLLM, llama.cpp, Ollama and TGI all read it; some ignore
   `max_completion_tokens`, which would leave the reply, and the TPM reservation, unbounded).
-Dropped: `cache_control` and `citations` everywhere, `thinking` and `redacted_thinking` blocks
-(their signatures mean nothing to another model), the `thinking`, `service_tier`, `container`,
+Dropped: `cache_control` (top-level and on blocks) and `citations`, `thinking` and
+`redacted_thinking` blocks (their signatures mean nothing to another model), the `thinking`,
+`output_config`, `service_tier`, `speed`, `inference_geo`, `diagnostics`, `container`,
 `mcp_servers` and `context_management` parameters, and tool fields other than name,
 description and input_schema. Refused with 400: document, search-result, server-tool and
 container blocks, `file` image sources, and server tools (`type` other than `custom`). A
@@ -124,7 +126,8 @@ def _text(block: dict[str, Any], param: str) -> str:
     return text
 
 
-def _system(system: Any) -> list[dict[str, Any]]:
+def _system(system: Any, param: str = "system") -> list[dict[str, Any]]:
+    """The system message for `system`, or for a message with role `system`."""
     if system is None:
         return []
     if isinstance(system, str):
@@ -132,13 +135,13 @@ def _system(system: Any) -> list[dict[str, Any]]:
     elif isinstance(system, list):
         texts = []
         for j, block in enumerate(system):
-            if _kind(block, f"system[{j}]") != "text":
-                raise _unsupported("system block", block.get("type"), f"system[{j}]")
-            texts.append(_text(block, f"system[{j}]"))
+            if _kind(block, f"{param}[{j}]") != "text":
+                raise _unsupported("system block", block.get("type"), f"{param}[{j}]")
+            texts.append(_text(block, f"{param}[{j}]"))
         text = "\n\n".join(t for t in texts if t)
     else:
-        raise InvalidRequest("'system' must be a string or an array of text blocks",
-                             param="system")
+        raise InvalidRequest("system content must be a string or an array of text blocks",
+                             param=param)
     return [{"role": "system", "content": text}] if text else []
 
 
@@ -147,9 +150,11 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
     if not isinstance(message, dict):
         raise InvalidRequest("each message must be an object", param=param)
     role, content = message.get("role"), message.get("content")
+    if role == "system":
+        return _system(content, f"{param}.content")
     if role not in ("user", "assistant"):
-        raise InvalidRequest(f"role {_quote(role)} is not supported; use 'user' or 'assistant'",
-                             param=f"{param}.role")
+        raise InvalidRequest(f"role {_quote(role)} is not supported; use 'user', 'assistant' "
+                             "or 'system'", param=f"{param}.role")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
