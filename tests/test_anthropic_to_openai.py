@@ -814,6 +814,18 @@ def test_stream_stop_sequence() -> None:
     assert events(out)[-2]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
 
 
+def test_stream_refusal() -> None:
+    out, _ = run([openai_sse(ROLE, chunk({"refusal": "I can't "}), chunk({"refusal": "help."}),
+                             *END)])
+    final = sdk_final_message(out)
+    chat = chat_completion(None, usage=USAGE)
+    chat["choices"][0]["message"]["refusal"] = "I can't help."
+    expected, _ = to_anthropic_message(chat, "claude-x", message_id=final.id)
+    assert final.model_dump(exclude_none=True) == Message.model_validate(expected).model_dump(
+        exclude_none=True)
+    assert final.stop_reason == "refusal"
+
+
 def test_stream_max_tokens_and_usage_in_the_finish_chunk() -> None:
     out, tr = run([openai_sse(ROLE, chunk({"content": "a"}), chunk({}, "length", usage={
         "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}))])

@@ -484,6 +484,7 @@ class ChatToMessagesStream:
         self._tool = -1  # the OpenAI index of the last tool call
         self._tool_id = ""
         self._has_tools = False
+        self._refused = False
         self._finish: Any = None
         self._matched: Any = None
         self._usage: Usage | None = None
@@ -575,6 +576,10 @@ class ChatToMessagesStream:
             text = delta.get("content")
             if isinstance(text, str) and text:
                 out += self._text(text)
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                self._refused = True
+                out += self._text(refusal)
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict) and not self._ended:
@@ -646,6 +651,8 @@ class ChatToMessagesStream:
         self._ended = True
         reason, sequence = stop_reason(self._finish, self._has_tools, self._matched,
                                        self._stops)
+        if self._refused and reason == "end_turn":
+            reason = "refusal"
         if self._usage is not None:
             usage: dict[str, int] = anthropic_usage(self._usage)
         else:  # rare: the upstream never said; bounded, see OutputTally
