@@ -57,7 +57,7 @@ _CLIENT_PARAMS = TypeAdapter(MessageCreateParams)
 _UPSTREAM_PARAMS = TypeAdapter(CompletionCreateParams)
 _EVENT = TypeAdapter(RawMessageStreamEvent)
 USER = {"role": "user", "content": "hi"}
-WEATHER = {"name": "get_weather", "description": "Weather in a city",
+WEATHER: Any = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                             "required": ["city"]}}
 
@@ -435,16 +435,17 @@ def test_error_messages_quote_little_of_the_client() -> None:
 
 def chat_completion(content: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
                     finish: str | None = "stop", usage: dict[str, Any] | None = None,
-                    **choice_extra: Any) -> dict[str, Any]:
+                    choice: dict[str, Any] | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
-    chat = {"id": "chatcmpl-r1", "object": "chat.completion", "created": 1, "model": "gpt-up",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish, **choice_extra}],
-            "usage": usage or {"prompt_tokens": 40, "completion_tokens": 7, "total_tokens": 47,
-                               "prompt_tokens_details": {"cached_tokens": 8}}}
-    if finish in ("stop", "length", "tool_calls", "content_filter") and not choice_extra \
+    chat: dict[str, Any] = {
+        "id": "chatcmpl-r1", "object": "chat.completion", "created": 1, "model": "gpt-up",
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish, **(choice or {})}],
+        "usage": usage or {"prompt_tokens": 40, "completion_tokens": 7, "total_tokens": 47,
+                           "prompt_tokens_details": {"cached_tokens": 8}}}
+    if finish in ("stop", "length", "tool_calls", "content_filter") and not choice \
             and "total_tokens" in chat["usage"]:  # else deliberately not OpenAI's shape
         ChatCompletion.model_validate(chat)
     return chat
@@ -506,16 +507,20 @@ def test_response_stop_reasons(finish: Any, stop_reason: str) -> None:
 def test_stop_sequence_only_when_the_upstream_names_one_the_request_had() -> None:
     stops = ("END", "###")
     for extra in ({"stop_reason": "END"}, {"matched_stop": "###"}):  # vLLM, SGLang
-        data, _ = to_anthropic_message(chat_completion("x", **extra), "m", stop_sequences=stops)
+        data, _ = to_anthropic_message(chat_completion("x", choice=extra), "m",
+                                       stop_sequences=stops)
         message = strict_message(data)
         assert (message.stop_reason, message.stop_sequence) == ("stop_sequence",
                                                                 next(iter(extra.values())))
-    for extra, given in (({"stop_reason": "OTHER"}, stops), ({"stop_reason": "END"}, ()),
-                         ({"stop_reason": 128001}, stops), ({}, stops)):
-        data, _ = to_anthropic_message(chat_completion("x", **extra), "m", stop_sequences=given)
+    cases: list[tuple[dict[str, Any], tuple[str, ...]]] = [
+        ({"stop_reason": "OTHER"}, stops), ({"stop_reason": "END"}, ()),
+        ({"stop_reason": 128001}, stops), ({}, stops)]
+    for extra, given in cases:
+        data, _ = to_anthropic_message(chat_completion("x", choice=extra), "m",
+                                       stop_sequences=given)
         assert (data["stop_reason"], data["stop_sequence"]) == ("end_turn", None)
-    data, _ = to_anthropic_message(chat_completion("x", finish="length", stop_reason="END"),
-                                   "m", stop_sequences=stops)
+    capped = chat_completion("x", finish="length", choice={"stop_reason": "END"})
+    data, _ = to_anthropic_message(capped, "m", stop_sequences=stops)
     assert data["stop_reason"] == "max_tokens"
 
 
@@ -924,7 +929,8 @@ def test_stream_interleaved_tool_arguments_fail() -> None:
     # A repeated header of a closed call (no arguments) is harmless.
     out, tr = run([openai_sse(ROLE, tool_start(0, "a", "f"), tool_start(1, "b", "g"),
                               tool_start(0, "a", "f"), *TOOL_END)])
-    assert tr.error is None and [c.id for c in sdk_final_message(out).content] == ["a", "b"]
+    assert tr.error is None
+    assert [c.model_dump()["id"] for c in sdk_final_message(out).content] == ["a", "b"]
 
 
 def test_stream_tool_calls_without_index_or_id() -> None:

@@ -227,10 +227,11 @@ def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
                                  param=f"{param}.source")
         url = f"data:{media};base64,{data}"
     elif kind == "url":
-        url = source.get("url")
-        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        given = source.get("url")
+        if not isinstance(given, str) or not given.startswith(("https://", "http://")):
             raise InvalidRequest("an image source's 'url' must be an http(s) URL",
                                  param=f"{param}.source.url")
+        url = given
     else:
         raise _unsupported("image source", kind, f"{param}.source")
     return {"type": "image_url", "image_url": {"url": url}}
