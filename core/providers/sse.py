@@ -6,7 +6,7 @@ These run once per upstream chunk, so they avoid regexes and re-encoding constan
   whole events;
 - `frame_data` / `data_json` read an event's `data` field;
 - `ChunkEncoder` writes `chat.completion.chunk` frames that share one id/created/model;
-- `sse_data`, `completion_id` and `DONE` are the small pieces around them.
+- `sse_data`, `sse_event`, `completion_id` and `DONE` are the small pieces around them.
 
 A pending (unterminated) event is held up to `MAX_FRAME_BYTES`; past that the stream ends with
 a 502 `upstream_response_too_large` error event, so an upstream cannot grow a worker's memory
@@ -40,6 +40,11 @@ def completion_id(suffix: str | None = None) -> str:
 def sse_data(obj: Any) -> bytes:
     """One `data:` event carrying `obj` as JSON."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def sse_event(name: str, obj: Any) -> bytes:
+    """One named event (an `event:` line, then `obj` as JSON data), as Anthropic writes them."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
 class FrameSplitter:
