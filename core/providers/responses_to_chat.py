@@ -200,14 +200,13 @@ def _message(item: dict[str, Any], param: str, target: str) -> dict[str, Any]:
     if not isinstance(content, list):
         raise _bad("content must be a string or an array of parts", f"{param}.content")
     parts = [_part(p, role, f"{param}.content[{j}]") for j, p in enumerate(content)]
-    if role == "user":
-        return {"role": role, "content": parts}
-    if any(p["type"] == "image_url" for p in parts):
-        raise _bad(f"{role} messages may not contain images", f"{param}.content")
-    if role == "assistant" and any(p["type"] == "refusal" for p in parts):
-        return {"role": role, "content": parts}
-    if role != "assistant" and any(p["type"] == "refusal" for p in parts):
+    kinds = {p["type"] for p in parts}
+    if "refusal" in kinds and role != "assistant":
         raise _bad(f"{role} messages may not contain refusals", f"{param}.content")
+    if "image_url" in kinds and role != "user":
+        raise _bad(f"{role} messages may not contain images", f"{param}.content")
+    if role == "user" or "refusal" in kinds:
+        return {"role": role, "content": parts}
     return {"role": role, "content": "".join(p["text"] for p in parts)}
 
 
@@ -615,10 +614,9 @@ class ChatToResponsesStream:
             return out
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            try:
-                out += self._delta(delta)
-            except GatewayError as exc:
-                return out + self.fail(exc)
+            out += self._delta(delta)
+            if self._ended:
+                return out
         finish = choice.get("finish_reason")
         if finish is not None:
             self._finish, self._finished = finish, True
@@ -626,24 +624,31 @@ class ChatToResponsesStream:
         return out
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
-        out = b""
-        for kind, key in (("output_text", "content"), ("refusal", "refusal")):
-            text = delta.get(key)
-            if isinstance(text, str) and text:
-                out += self._text(kind, text)
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            if isinstance(call, dict):
-                out += self._call(call)
-        return out
+        """The events of one delta; each step raises before it emits anything, so a failure
+        keeps what the earlier steps emitted."""
+        out: list[bytes] = []
+        try:
+            for kind, key in (("output_text", "content"), ("refusal", "refusal")):
+                text = delta.get(key)
+                if isinstance(text, str) and text:
+                    out.append(self._text(kind, text))
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict):
+                    out.append(self._call(call))
+        except GatewayError as exc:
+            out.append(self.fail(exc))
+        return b"".join(out)
 
-    def _grow(self, size: int) -> None:
-        self._size += size
+    def _grow(self, text: str) -> None:
+        """Counts `text` into the output kept for the final event, or fails past the bound."""
+        self._size += len(text.encode())
         if self._size > self._max_bytes:
             raise UpstreamError(f"the reply grew past {self._max_bytes} bytes",
                                 code="upstream_response_too_large")
 
     def _text(self, kind: str, text: str) -> bytes:
+        self._grow(text)
         out = b""
         item = self._item
         if item is None or item.kind != "message":
@@ -660,10 +665,9 @@ class ChatToResponsesStream:
         item.pieces.append(text)
         self.generated.add(text)
         fields: dict[str, Any] = {"logprobs": []} if kind == "output_text" else {}
-        event = self._event(f"response.{kind}.delta", item_id=item.id, output_index=item.index,
-                            content_index=len(item.parts), delta=text, **fields)
-        self._grow(len(event))
-        return out + event
+        return out + self._event(f"response.{kind}.delta", item_id=item.id,
+                                 output_index=item.index, content_index=len(item.parts),
+                                 delta=text, **fields)
 
     def _call(self, call: dict[str, Any]) -> bytes:
         out = b""
@@ -671,6 +675,9 @@ class ChatToResponsesStream:
         index = index if type(index) is int else 0
         fn = call.get("function")
         fn = fn if isinstance(fn, dict) else {}
+        name, arguments = fn.get("name"), fn.get("arguments")
+        self._grow(name if isinstance(name, str) else "")
+        self._grow(arguments if isinstance(arguments, str) else "")
         item = self._item
         if item is None or item.kind != "function_call" or item.chat_index != index:
             if index in self._closed_calls:
@@ -680,22 +687,23 @@ class ChatToResponsesStream:
             item.chat_index = index
             call_id = call.get("id")
             item.call_id = call_id if isinstance(call_id, str) and call_id else _ids("call")
+            self._name(item, name)
             out += self._event("response.output_item.added", output_index=item.index,
                                item=item.snapshot("in_progress"))
-        name = fn.get("name")
-        if isinstance(name, str) and name and not item.name:
-            item.name = name
-            self.generated.add(name)
-            self._grow(len(name))
-        arguments = fn.get("arguments")
+        else:
+            self._name(item, name)
         if isinstance(arguments, str) and arguments:
             item.pieces.append(arguments)
             self.generated.add(arguments)
-            event = self._event("response.function_call_arguments.delta", item_id=item.id,
-                                output_index=item.index, delta=arguments)
-            self._grow(len(event))
-            out += event
+            out += self._event("response.function_call_arguments.delta", item_id=item.id,
+                               output_index=item.index, delta=arguments)
         return out
+
+    def _name(self, item: _Item, name: Any) -> None:
+        """A call's name: its first non-empty one (sent once, with the call's first delta)."""
+        if isinstance(name, str) and name and not item.name:
+            item.name = name
+            self.generated.add(name)
 
     def _open(self, kind: str) -> _Item:
         self._item = _Item(kind, len(self._output))
