@@ -28,9 +28,11 @@ from llm_gateway.providers.anthropic import (
 from llm_gateway.providers.responses_to_chat import (
     ChainedStream,
     ChatToResponsesStream,
+    prompt_view,
     to_chat_request,
     to_response,
 )
+from llm_gateway.tokens import IMAGE_TOKENS, count_prompt_tokens, reservation
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, CompletionCreateParams
 from openai.types.responses import Response, ResponseCreateParams, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
@@ -324,6 +326,27 @@ def test_stateful_features_get_400(extra: dict[str, Any], param: str, words: str
 ])
 def test_invalid_bodies_name_the_param(body: dict[str, Any], param: str) -> None:
     assert invalid({"model": "r", **body}).param == param
+
+
+def test_prompt_view_counts_like_the_translated_request() -> None:
+    session = json.loads((FIXTURES / "codex_session.json").read_text())["request"]
+    chat = to_chat_request(session, "m", stream=False, target_provider="self-hosted")
+    # An estimate (ids, role names and the tool schemas' wrapping differ by a few tokens).
+    viewed, translated = (count_prompt_tokens(b, "o200k_base") for b in (
+        prompt_view(session), chat))
+    assert translated > 400 and abs(viewed - translated) <= translated * 0.02
+    body = {"model": "r", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "https://e.com/a.png", "detail": "low"}]}],
+        "tools": [{"type": "web_search"}], "previous_response_id": "resp_1",
+        "max_output_tokens": 100}
+    view = prompt_view(body)  # what only an openai target accepts is still counted
+    assert count_prompt_tokens(view, "o200k_base") == count_prompt_tokens(
+        {"messages": [{"role": "user", "content": []}], "tools": body["tools"]},
+        "o200k_base") + IMAGE_TOKENS
+    assert reservation(view, 10, 4096, 0) == 110
+    for hostile in ({}, {"input": 5, "instructions": 3, "max_output_tokens": True},
+                    {"input": [5, {"type": "x"}, {"role": "user", "content": [1, {}]}]}):
+        assert count_prompt_tokens(prompt_view(hostile), "o200k_base") >= 0
 
 
 # -- response -----------------------------------------------------------------------------------

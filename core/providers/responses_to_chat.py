@@ -343,6 +343,50 @@ def _response_format(text: Any, anthropic: bool) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": spec}
 
 
+def prompt_view(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat-shaped view of any Responses body, for `tokens.count_prompt_tokens` and
+    `tokens.reservation` (`max_output_tokens` as `max_tokens`), on every target, `openai`
+    included: it never raises, and what it cannot read (built-in tool items, references)
+    counts as nothing."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    raw = body.get("input")
+    for item in [{"role": "user", "content": raw}] if isinstance(raw, str) else (
+            raw if isinstance(raw, list) else ()):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": str(item.get("role")),
+                             "content": _view_content(item.get("content"))})
+        elif kind == "function_call":
+            messages.append({"role": "assistant", "tool_calls": [{"function": {
+                "name": item.get("name"), "arguments": item.get("arguments")}}]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "content": _view_content(item.get("output"))})
+    view: dict[str, Any] = {"messages": messages}
+    if isinstance(body.get("tools"), list):
+        view["tools"] = body["tools"]
+    limit = body.get("max_output_tokens")
+    if type(limit) is int and limit > 0:
+        view["max_tokens"] = limit
+    return view
+
+
+def _view_content(content: Any) -> Any:
+    if not isinstance(content, list):
+        return content if isinstance(content, str) else ""
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image":
+            parts.append({"type": "input_image", "detail": part.get("detail")})
+    return parts
+
+
 # -- response -----------------------------------------------------------------------------------
 
 
