@@ -86,10 +86,13 @@ class Route:
 class Usage:
     """Tokens of one request. `reported`: the upstream gave every number, and each was valid.
     `generated`: the text of a non-stream reply whose usage was not reported, for the gateway
-    to count at the end of the request (off the response's critical path)."""
+    to count at the end of the request (off the response's critical path).
+    `reasoning_tokens`: the part of `output_tokens` the model spent reasoning, where the
+    upstream says (0 otherwise)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
     reported: bool = field(default=False)
     generated: tuple[str, ...] = ()
+    reasoning_tokens: int = 0

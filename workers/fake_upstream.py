@@ -6,6 +6,8 @@ One aiohttp server speaks both wire formats on one port:
     GET  /v1/models             OpenAI model list
     POST /v1/messages           Anthropic Messages (x-api-key or Bearer key, and
                                 anthropic-version, required)
+    POST /v1/responses          OpenAI Responses (stream with event: lines, function calls,
+                                usage with cached and reasoning details)
 
 The reply is deterministic: `chunks` words "word0 word1 ...", capped by `max_tokens` /
 `max_completion_tokens` (then finish_reason "length" / stop_reason "max_tokens"). With `tools`
@@ -390,6 +392,136 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await _respond(request, body, anthropic=True)
 
 
+def plan_responses_reply(body: dict[str, Any], config: FakeConfig) -> Reply:
+    """`plan_reply` for a Responses body: input items count as messages (1 + their words),
+    `instructions` as words, `max_output_tokens` caps the reply, the first function tool is
+    called."""
+    items = body.get("input")
+    items = [{"content": items}] if isinstance(items, str) else items or []
+    prompt = sum(1 + _count_words(i.get("content") or i.get("output") or i.get("arguments"))
+                 for i in items if isinstance(i, dict))
+    prompt += _count_words(body.get("instructions"))
+    cap = body.get("max_output_tokens")
+    n = config.chunks if cap is None else min(config.chunks, int(cap))
+    tools = [t for t in body.get("tools") or () if isinstance(t, dict)
+             and t.get("type") == "function"]
+    name = tools[0].get("name") if tools else None
+    return Reply([f"word{i}" for i in range(n)], n < config.chunks, prompt, name or None)
+
+
+def _responses_usage(reply: Reply, body: dict[str, Any]) -> dict[str, Any]:
+    """Cached input = the words of `instructions` (a stable prefix, as a prompt cache would
+    hit); reasoning = 2 tokens (within output_tokens) when the request has `reasoning`."""
+    reasoning = 2 if body.get("reasoning") else 0
+    output = len(reply.words) + reasoning
+    return {"input_tokens": reply.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": _count_words(body.get("instructions")),
+                                     "cache_write_tokens": 0},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": reply.prompt_tokens + output}
+
+
+def _responses_items(reply: Reply, done: bool) -> list[dict[str, Any]]:
+    status = "completed" if done else "in_progress"
+    if reply.tool_name:
+        return [{"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": status,
+                 "call_id": f"call_{uuid.uuid4().hex[:24]}", "name": reply.tool_name,
+                 "arguments": reply.arguments if done else ""}]
+    part = {"type": "output_text", "text": reply.text if done else "", "annotations": [],
+            "logprobs": []}
+    return [{"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+             "status": status, "content": [part] if done else []}]
+
+
+def _responses_object(reply: Reply, body: dict[str, Any], done: bool) -> dict[str, Any]:
+    status = ("incomplete" if reply.capped else "completed") if done else "in_progress"
+    tools = body.get("tools") or []
+    return {"id": f"resp_{uuid.uuid4().hex}", "object": "response",
+            "created_at": int(time.time()), "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if done and reply.capped
+            else None, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"), "model": body.get("model"),
+            "output": _responses_items(reply, done) if done else [],
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "tool_choice": body.get("tool_choice", "auto"), "tools": tools,
+            "usage": _responses_usage(reply, body) if done else None,
+            "metadata": body.get("metadata") or {}}
+
+
+async def _responses_stream(out: SseWriter, reply: Reply, body: dict[str, Any]) -> None:
+    seq = iter(range(1 << 30))
+    response = _responses_object(reply, body, done=False)
+
+    async def send(kind: str, paced: bool = False, **fields: Any) -> None:
+        await out.send({"type": kind, "sequence_number": next(seq), **fields}, named=True,
+                       delta=paced)
+
+    await send("response.created", response=response)
+    await send("response.in_progress", response=response)
+    item = _responses_items(reply, done=False)[0]
+    at = {"item_id": item["id"], "output_index": 0}
+    await send("response.output_item.added", output_index=0, item=item)
+    if reply.tool_name:
+        for fragment in reply.argument_fragments():
+            await send("response.function_call_arguments.delta", True, **at, delta=fragment)
+        await send("response.function_call_arguments.done", **at, arguments=reply.arguments)
+        done = {**item, "status": "completed", "arguments": reply.arguments}
+    else:
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        await send("response.content_part.added", **at, content_index=0, part=part)
+        for i, word in enumerate(reply.words):
+            await send("response.output_text.delta", True, **at, content_index=0,
+                       delta=word if i == 0 else f" {word}", logprobs=[])
+        await send("response.output_text.done", **at, content_index=0, text=reply.text,
+                   logprobs=[])
+        part = {**part, "text": reply.text}
+        await send("response.content_part.done", **at, content_index=0, part=part)
+        done = {**item, "status": "completed", "content": [part]}
+    await send("response.output_item.done", output_index=0, item=done)
+    final = {**_responses_object(reply, body, done=True), "id": response["id"],
+             "output": [done]}
+    await send(f"response.{final['status']}", response=final)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses (OpenAI Responses): faults as for chat completions; the reply is the
+    same words, as a message or a call of the first function tool."""
+    body = await _record(request)
+    if body is None or not body.get("model") or not isinstance(body.get("input"), str | list):
+        return openai_error(400, "'model' and 'input' are required")
+    state = request.app[STATE]
+    fault = state.faults.popleft() if state.faults else None
+    reply = plan_responses_reply(body, state.config)
+    stream = bool(body.get("stream"))
+    out = SseWriter(request, state.config,
+                    fault.chunks if fault and fault.kind == "drop_after" else None)
+    try:
+        if fault and fault.kind == "hang":
+            await asyncio.Event().wait()
+        delay = state.config.ttft_ms if stream else state.config.latency_ms
+        await asyncio.sleep((delay + (fault.ms if fault and fault.kind == "delay" else 0)) / 1000)
+        if fault and fault.kind == "status":
+            retry = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+            return openai_error(fault.status, f"scripted fault: status {fault.status}", retry)
+        if not stream:
+            if out.drop_after is not None and request.transport is not None:
+                request.transport.abort()
+                return web.Response()
+            return web.json_response(_responses_object(reply, body, done=True))
+        await _responses_stream(out, reply, body)
+        await out.response.write_eof()
+        return out.response
+    except _Dropped:
+        return out.response
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        state.events.append({"event": "client_disconnected", "path": request.path,
+                             "at": time.time(), "chunks_sent": out.sent})
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return out.response
+
+
 async def list_models(request: web.Request) -> web.Response:
     data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake-upstream"}
             for m in MODELS]
@@ -448,6 +580,7 @@ def build_app(config: FakeConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/_control/faults", control_faults)
     app.router.add_get("/_control/config", control_config)
     app.router.add_post("/_control/config", control_config)
