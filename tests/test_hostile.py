@@ -162,10 +162,9 @@ def test_item1_empty_admin_key_file_refuses_to_start(tmp_path: Path) -> None:
 # Item 2 ------------------------------------------------------------------------------------
 
 def test_item2_huge_one_word_prompt_stalls_no_other_tenant(tmp_path: Path) -> None:
-    """Before: /healthz and every other tenant on the worker waited 4 s. The issue's bound is
-    100 ms; STALL_BOUND_S (250 ms) is the one test_hostile_counting explains: the 9 MiB body's
-    own read and parse cost the loop ~30 ms idle, and four test suites sharing two cores pushed
-    probes to 130 ms with counting off the loop."""
+    """Before: /healthz and every other tenant on the worker waited 4 s. Now they wait at most
+    the issue's 100 ms longer than they do without the attack (STALL_BOUND_S, measured against
+    a quiet baseline in the same test, as test_hostile_counting explains)."""
     with hostile_upstream(small_reply) as up, \
             gateway_process(tmp_path, GATEWAY_WORKERS="1") as gw:
         model = model_on(gw, up.openai_base)
@@ -176,9 +175,8 @@ def test_item2_huge_one_word_prompt_stalls_no_other_tenant(tmp_path: Path) -> No
         worst = worst_latency_while(
             gw, lambda: status.append(chat(gw, key, model, prompt).status_code),
             lambda: bool(records(gw, tid)), other)
-    print(f"worst probe while a 9 MiB one-word prompt was served: {worst * 1000:.0f} ms")
     assert status == [200]
-    assert worst < STALL_BOUND_S, f"the worker stalled for {worst * 1000:.0f} ms"
+    assert worst < STALL_BOUND_S, f"the worker stalled others for {worst * 1000:.0f} ms more"
 
 
 # Item 3 ------------------------------------------------------------------------------------

@@ -23,10 +23,14 @@ from llm_gateway.tokens import count_prompt_tokens, count_text_tokens
 from tests.conftest import Gateway, gateway_process, unique
 from tests.hostile_upstream import HostileUpstream, hostile_upstream, openai_completion, sse
 
-# The issue asks for 100 ms. The 9 MiB bodies themselves cost the loop ~30 ms when idle (read,
-# JSON parse, re-serialised for the upstream: not counting); with four test suites sharing two
-# cores (load average 4) probes reached 130 ms. Before the fix the stalls were 2.8 to 7.6 s.
-STALL_BOUND_S = 0.250
+# The issue's bound: another request waits at most 100 ms longer while the attack runs than it
+# does on the same worker without it. The baseline is measured in the same test, as the worst
+# probe of two quiet windows (QUIET_ROUNDS rounds before the attack, and as long as the attack
+# after it), so a busy machine, which slows both, does not make the test fail, and a stall,
+# which slows only the attack's window, does (before the fix: 2.8 to 7.6 s). The 9 MiB bodies themselves cost the loop about 30 ms (read, JSON parse,
+# re-serialised for the upstream); the counting is off the loop.
+STALL_BOUND_S = 0.100
+QUIET_ROUNDS = 30
 SMALL = [{"role": "user", "content": "hello there"}]
 
 
@@ -86,7 +90,8 @@ def chat(gw: Gateway, key: str, model: str, messages: list[dict[str, Any]] = SMA
 def worst_latency_while(gw: Gateway, attack: Callable[[], None], done: Callable[[], bool],
                         other: tuple[str, str]) -> float:
     """Runs `attack` in a thread; until it has returned and `done()` holds, probes /healthz and
-    another tenant's small request on the same worker. Returns the worst probe latency."""
+    another tenant's small request on the same worker. Returns how much longer the worst probe
+    took than the worst probe of the quiet windows before and after the attack."""
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -96,30 +101,40 @@ def worst_latency_while(gw: Gateway, attack: Callable[[], None], done: Callable[
             failure.append(exc)
 
     thread = threading.Thread(target=run)
-    worst = 0.0
     key, model = other
     deadline = time.monotonic() + 90
     with httpx.Client(base_url=gw.url, timeout=30,
                       headers={"authorization": f"Bearer {key}"}) as client:
         client.get("/healthz")  # the connection is open before the clock starts
+        quiet = max(_probe_round(client, model) for _ in range(QUIET_ROUNDS))
+        worst = 0.0
         thread.start()
+        started = time.monotonic()
         while True:
             t0 = time.perf_counter()  # `done` asks the same worker: it is a probe too
             if not thread.is_alive() and done():
                 break
             worst = max(worst, time.perf_counter() - t0)
             assert time.monotonic() < deadline, "the attack did not end"
-            t0 = time.perf_counter()
-            assert client.get("/healthz").status_code == 200
-            worst = max(worst, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            r = client.post("/v1/chat/completions", json={"model": model, "messages": SMALL})
-            assert r.status_code == 200, r.text
-            worst = max(worst, time.perf_counter() - t0)
-    thread.join()
+            worst = max(worst, _probe_round(client, model))
+        thread.join()
+        quiet_until = time.monotonic() + min(10.0, time.monotonic() - started)
+        while time.monotonic() < quiet_until:
+            quiet = max(quiet, _probe_round(client, model))
     if failure:
         raise failure[0]
-    return worst
+    return worst - quiet
+
+
+def _probe_round(client: httpx.Client, model: str) -> float:
+    """/healthz, then a small chat request of the other tenant: the slower one's seconds."""
+    t0 = time.perf_counter()
+    assert client.get("/healthz").status_code == 200
+    health = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = client.post("/v1/chat/completions", json={"model": model, "messages": SMALL})
+    assert r.status_code == 200, r.text
+    return max(health, time.perf_counter() - t0)
 
 
 def content_frames(total: int, text: str = "lorem ipsum dolor sit amet ") -> list[bytes]:
@@ -146,7 +161,7 @@ def test_huge_one_word_prompt_does_not_stall_the_worker(gw: Gateway, up: Hostile
                                                           .status_code),
                                 lambda: bool(records(gw, tid)), other)
     assert status == [200]
-    assert worst < STALL_BOUND_S, f"the worker stalled for {worst * 1000:.0f} ms"
+    assert worst < STALL_BOUND_S, f"the worker stalled others for {worst * 1000:.0f} ms more"
 
 
 def test_long_stream_without_usage_does_not_stall_the_worker(gw: Gateway, up: HostileUpstream
@@ -177,7 +192,7 @@ def test_long_stream_without_usage_does_not_stall_the_worker(gw: Gateway, up: Ho
                                  ["delta"]["content"] * 64 * 128, "cl100k_base")
     assert record["usage_source"] == "counted"
     assert abs(record["output_tokens"] - expected) <= expected // 1000
-    assert worst < STALL_BOUND_S, f"the worker stalled for {worst * 1000:.0f} ms"
+    assert worst < STALL_BOUND_S, f"the worker stalled others for {worst * 1000:.0f} ms more"
 
 
 def test_dropped_stream_with_huge_prompt_does_not_stall_the_worker(gw: Gateway,
@@ -207,7 +222,7 @@ def test_dropped_stream_with_huge_prompt_does_not_stall_the_worker(gw: Gateway,
     worst = worst_latency_while(gw, attack, lambda: bool(records(gw, tid)), other)
     record = wait_record(gw, tid)
     assert record["status"] == 499 and record["input_tokens"] > 100_000
-    assert worst < STALL_BOUND_S, f"the worker stalled for {worst * 1000:.0f} ms"
+    assert worst < STALL_BOUND_S, f"the worker stalled others for {worst * 1000:.0f} ms more"
 
 
 # Item 3: the relay keeps O(1) memory per stream.
@@ -426,4 +441,4 @@ def test_a_huge_non_stream_reply_without_usage_is_counted_off_the_loop(
                                 lambda: bool(records(gw, tid)), other)
     assert status == [200]
     assert wait_record(gw, tid)["output_tokens"] > 100_000
-    assert worst < STALL_BOUND_S, f"the worker stalled for {worst * 1000:.0f} ms"
+    assert worst < STALL_BOUND_S, f"the worker stalled others for {worst * 1000:.0f} ms more"
