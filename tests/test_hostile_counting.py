@@ -27,8 +27,9 @@ from tests.hostile_upstream import HostileUpstream, hostile_upstream, openai_com
 # does on the same worker without it. The baseline is measured in the same test, as the worst
 # probe of two quiet windows (QUIET_ROUNDS rounds before the attack, and as long as the attack
 # after it), so a busy machine, which slows both, does not make the test fail, and a stall,
-# which slows only the attack's window, does (before the fix: 2.8 to 7.6 s). The 9 MiB bodies themselves cost the loop about 30 ms (read, JSON parse,
-# re-serialised for the upstream); the counting is off the loop.
+# which slows only the attack's window, does (before the fix: 2.8 to 7.6 s). The 9 MiB bodies
+# themselves cost the loop about 30 ms (read, JSON parse, re-serialised for the upstream); the
+# counting is off the loop.
 STALL_BOUND_S = 0.100
 QUIET_ROUNDS = 30
 SMALL = [{"role": "user", "content": "hello there"}]
