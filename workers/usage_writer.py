@@ -80,7 +80,7 @@ class UsageWriter:
     """The writer's loop and its state: take a batch, spool it, write the spool to the store."""
 
     def __init__(self, settings: Settings, q: Any) -> None:
-        from llm_gateway.workers.server import make_store
+        from llm_gateway.store import make_store
 
         self._q = q
         self._loop = uvloop.new_event_loop()
