@@ -14,7 +14,7 @@ import orjson
 from blacksheep import Content, Request, Response
 from llm_gateway.auth import admin_key_matches, make_key, new_api_key
 from llm_gateway.chat_request import parse_json_object, read_body
-from llm_gateway.domain import PROVIDERS, ApiKey, Route, Target, Tenant
+from llm_gateway.domain import ApiKey, Route, Target, Tenant
 from llm_gateway.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -22,6 +22,8 @@ from llm_gateway.errors import (
     Unprocessable,
     clip,
 )
+from llm_gateway.http import route_value
+from llm_gateway.providers import PROVIDERS
 from llm_gateway.services import Services
 from llm_gateway.settings import ADMIN_KEY_MIN_CHARS, provider_secret_name_allowed
 
@@ -169,14 +171,14 @@ async def _tenant_or_404(svc: Services, tenant_id: str) -> Tenant:
 
 async def get_tenant(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    tenant = await _tenant_or_404(svc, request.route_values["tenant_id"])
+    tenant = await _tenant_or_404(svc, route_value(request, "tenant_id"))
     keys = await svc.store.list_keys(tenant.tenant_id)
     return json_response(tenant_view(tenant, keys))
 
 
 async def patch_tenant(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    tenant_id = request.route_values["tenant_id"]
+    tenant_id = route_value(request, "tenant_id")
     body = await _body(svc, request)
     allowed = {"rpm_limit", "tpm_limit", "allowed_models", "enabled"}
     unknown = set(body) - allowed
@@ -201,7 +203,7 @@ async def patch_tenant(svc: Services, request: Request) -> Response:
 
 async def delete_tenant(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    tenant_id = request.route_values["tenant_id"]
+    tenant_id = route_value(request, "tenant_id")
     if not await svc.store.delete_tenant(tenant_id):
         raise NotFound(f"tenant {clip(tenant_id)!r} not found", code="tenant_not_found",
                        param="tenant_id")
@@ -210,7 +212,7 @@ async def delete_tenant(svc: Services, request: Request) -> Response:
 
 async def create_key(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    tenant = await _tenant_or_404(svc, request.route_values["tenant_id"])
+    tenant = await _tenant_or_404(svc, route_value(request, "tenant_id"))
     raw = await read_body(request, _ADMIN_MAX_BODY, svc.settings.body_read_timeout_s)
     body = await _body_from(svc, raw)
     api_key = _check_api_key(body["api_key"]) if body.get("api_key") is not None else new_api_key()
@@ -232,8 +234,8 @@ async def _body_from(svc: Services, raw: bytes) -> dict[str, Any]:
 
 async def delete_key(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    tenant_id = request.route_values["tenant_id"]
-    key_id = request.route_values["key_id"]
+    tenant_id = route_value(request, "tenant_id")
+    key_id = route_value(request, "key_id")
     if not await svc.store.delete_key(tenant_id, key_id):
         raise NotFound(f"key {clip(key_id)!r} not found for tenant {clip(tenant_id)!r}",
                        code="key_not_found", param="key_id")
@@ -300,7 +302,7 @@ def _price(body: dict[str, Any], name: str) -> float:
 
 async def put_model(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    name = request.route_values["name"]
+    name = route_value(request, "name")
     if not _MODEL.fullmatch(name):
         raise _field("the model name must be 1-256 characters without spaces", "name")
     body = await _body(svc, request)
@@ -330,7 +332,7 @@ async def list_models(svc: Services, request: Request) -> Response:
 
 async def delete_model(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    name = request.route_values["name"]
+    name = route_value(request, "name")
     if not await svc.store.delete_route(name):
         raise NotFound(f"model {clip(name)!r} not found", code="model_not_found", param="name")
     return json_response({"name": name, "deleted": True})
@@ -338,7 +340,7 @@ async def delete_model(svc: Services, request: Request) -> Response:
 
 async def tenant_usage(svc: Services, request: Request) -> Response:
     require_admin(svc, request)
-    tenant_id = request.route_values["tenant_id"]
+    tenant_id = route_value(request, "tenant_id")
     await _tenant_or_404(svc, tenant_id)
     q = request.query
     try:

@@ -14,6 +14,7 @@ from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
+from llm_gateway.chat_request import CHAT
 from llm_gateway.domain import Route, target_label
 from llm_gateway.errors import (
     GatewayError,
@@ -24,18 +25,18 @@ from llm_gateway.errors import (
     ServiceUnavailable,
     clip,
 )
+from llm_gateway.http import route_value
 from llm_gateway.limits import Limiter, LimiterUnavailable
-from llm_gateway.pipeline import chat_completions, client_request_id, new_request_id
-from llm_gateway.providers import build_providers
+from llm_gateway.pipeline import Handler, client_request_id, endpoint, new_request_id
+from llm_gateway.providers import build_translators
 from llm_gateway.services import Services
 from llm_gateway.settings import Settings
 from llm_gateway.store.base import Store
 from llm_gateway.upstream import UpstreamClient
-from llm_gateway.usage import NullSink, UsageSink
+from llm_gateway.usage import UsageSink
 
 log = logging.getLogger("llm_gateway")
 
-Handler = Callable[[Services, Request, str], Awaitable[Response]]
 JSON = b"application/json"
 
 
@@ -65,10 +66,8 @@ async def readyz(svc: Services, request: Request, rid: str) -> Response:
 
 
 async def _limiter_state(svc: Services) -> str:
-    """`ok`, `off` (none configured) or `degraded` (failing open): requests are served either
-    way. Failing closed, requests would all get 503, so the worker is not ready."""
-    if svc.limiter is None:
-        return "off"
+    """`ok` or `degraded` (failing open): requests are served either way. Failing closed,
+    requests would all get 503, so the worker is not ready."""
     try:
         await svc.limiter.ping()
     except LimiterUnavailable as exc:
@@ -99,7 +98,7 @@ async def list_models(svc: Services, request: Request, rid: str) -> Response:
 
 async def get_model(svc: Services, request: Request, rid: str) -> Response:
     _, tenant = await authenticate(svc.catalog, request)
-    name = request.route_values["model"]
+    name = route_value(request, "model")
     route = await svc.catalog.route(name)
     if route is None or not tenant.may_use(name):
         raise NotFound(f"The model `{clip(name)}` does not exist or you do not have access to it.",
@@ -112,10 +111,6 @@ def _model_object(r: Route) -> dict[str, object]:
             "owned_by": r.targets[0].provider}
 
 
-async def chat(svc: Services, request: Request, rid: str) -> Response:
-    return await chat_completions(svc, request, rid, client_request_id(request))
-
-
 def _admin(fn: Callable[[Services, Request], Awaitable[Response]]) -> Handler:
     async def handler(svc: Services, request: Request, rid: str) -> Response:
         return await fn(svc, request)
@@ -123,9 +118,10 @@ def _admin(fn: Callable[[Services, Request], Awaitable[Response]]) -> Handler:
     return handler
 
 
-# (method, path, handler): the whole HTTP surface in one place.
+# (method, path, handler): the whole HTTP surface in one place. A model endpoint is
+# `endpoint(its ingress)`: the one request path, parsing and answering in the client's format.
 ROUTES: list[tuple[str, str, Handler]] = [
-    ("POST", "/v1/chat/completions", chat),
+    ("POST", "/v1/chat/completions", endpoint(CHAT)),
     ("GET", "/v1/models", list_models),
     ("GET", "/v1/models/:model", get_model),
     ("GET", "/healthz", healthz),
@@ -152,8 +148,8 @@ class Gateway:
         self,
         settings: Settings,
         make_store: Callable[[Settings], Store],
-        make_limiter: Callable[[Settings], Limiter | None],
-        make_sink: Callable[[Settings], UsageSink] = lambda s: NullSink(),
+        make_limiter: Callable[[Settings], Limiter],
+        make_sink: Callable[[Settings], UsageSink],
     ) -> None:
         self.settings = settings
         self._make_store = make_store
@@ -169,15 +165,14 @@ class Gateway:
         upstream = UpstreamClient(s)
         await upstream.start()
         limiter = self._make_limiter(s)
-        if limiter is not None and hasattr(limiter, "start"):
-            await limiter.start()
+        await limiter.start()
         self.services = Services(
             settings=s,
             store=store,
             catalog=Catalog(store),
             limiter=limiter,
             upstream=upstream,
-            providers=build_providers(s.default_max_tokens),
+            translators=build_translators(s),
             usage=self._make_sink(s),
             breakers=Breakers(s.breaker_fail_max, s.breaker_reset_s),
         )
@@ -191,8 +186,7 @@ class Gateway:
                 await finish.drain(svc.settings.shutdown_grace_s)
                 svc.usage.flush()
                 await svc.upstream.aclose()
-                if svc.limiter is not None:
-                    await svc.limiter.aclose()
+                await svc.limiter.aclose()
                 await svc.store.aclose()
         finally:
             obs.shutdown()

@@ -1,13 +1,24 @@
-"""Reading and checking a client's chat request: the body is read once, bounded, parsed once."""
+"""The Chat Completions ingress: the client's body read once, bounded, parsed once into an `Ask`;
+errors in OpenAI's JSON. `read_body` and `parse_json_object` serve every ingress."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import orjson
-from blacksheep import Request
-from llm_gateway.errors import CLIENT_TEXT_MAX, InvalidRequest, PayloadTooLarge, RequestTimeout
+from blacksheep import Content, Request, Response
+from llm_gateway.errors import (
+    CLIENT_TEXT_MAX,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+)
+from llm_gateway.ingress import Ask
+from llm_gateway.tokens import count_prompt
 
 _ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
 # Route names are at most this long (the admin API enforces it), so a longer one is refused
@@ -40,7 +51,8 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
         return await request.read() or b""
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    # BlackSheep declares `stream` a coroutine; it is an async generator.
+    async for chunk in cast(AsyncIterator[bytes], request.stream()):
         if chunk:
             size += len(chunk)
             if size > max_bytes:
@@ -85,7 +97,7 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def parse_chat(raw: bytes, max_depth: int) -> dict[str, Any]:
+def parse_chat(raw: bytes, max_depth: int) -> Ask:
     """A Chat Completions body, checked for what the gateway relies on. Unknown fields are left
     for the upstream."""
     body = parse_json_object(raw, max_depth)
@@ -117,15 +129,49 @@ def parse_chat(raw: bytes, max_depth: int) -> dict[str, Any]:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean", "stream", "invalid_type")
-    for name in ("max_tokens", "max_completion_tokens"):
+    # max_completion_tokens replaced max_tokens; when both are set it is the one that holds.
+    limit: int | None = None
+    for name in ("max_completion_tokens", "max_tokens"):
         v = body.get(name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise _invalid(f"'{name}' must be a positive integer", name, "invalid_value")
+        if v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _invalid(f"'{name}' must be a positive integer", name, "invalid_value")
+            limit = v if limit is None else limit
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise _invalid("'stream_options' must be an object", "stream_options", "invalid_type")
-    return body
+    return Ask(
+        model=model,
+        stream=stream is True,
+        max_output_tokens=limit,
+        wants_usage=opts is not None and opts.get("include_usage") is True,
+        body=body,
+        raw=raw,
+    )
 
 
 def _invalid(message: str, param: str, code: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code=code)
+
+
+class ChatIngress:
+    """`POST /v1/chat/completions`."""
+
+    wire = "openai.chat"
+
+    def parse(self, raw: bytes, max_depth: int) -> Ask:
+        return parse_chat(raw, max_depth)
+
+    async def count_prompt(self, ask: Ask, encoding: str) -> int:
+        return await count_prompt(ask.body, encoding, len(ask.raw))
+
+    def error_response(self, exc: GatewayError) -> Response:
+        headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+        return Response(exc.status, headers, Content(b"application/json", exc.body()))
+
+    def stream_error(self, exc: GatewayError) -> bytes:
+        # The SDKs raise an APIError for a `data: {"error": ...}` event.
+        return b"data: " + error_body(exc.message, exc.type, exc.code) + b"\n\n"
+
+
+CHAT = ChatIngress()

@@ -29,7 +29,9 @@ class DisconnectWatcher:
         self.disconnected = False
         self.on_disconnect = on_disconnect
         self._task: asyncio.Future[None] | None = None
-        receive = request.content.receive if request.content is not None else None
+        # The server's body reader (an ASGI `receive`), which BlackSheep's `Content` type does
+        # not declare.
+        receive = getattr(request.content, "receive", None)
         self._timer = (asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start, receive)
                        if receive else None)
 

@@ -6,8 +6,6 @@ import hashlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-PROVIDERS = ("openai", "anthropic", "self-hosted")
-
 
 @dataclass(frozen=True, slots=True)
 class Tenant:

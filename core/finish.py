@@ -15,10 +15,11 @@ import logging
 
 from llm_gateway import limiting
 from llm_gateway import observability as obs
-from llm_gateway.call import Call
-from llm_gateway.providers.base import StreamTranslator
+from llm_gateway.call import Call, Outcome
+from llm_gateway.limiting import Reservation
+from llm_gateway.providers.base import StreamTranslator, Tally
 from llm_gateway.services import Services
-from llm_gateway.tokens import OutputTally, count_prompt, count_texts
+from llm_gateway.tokens import count_texts
 from llm_gateway.usage import usage_record
 
 log = logging.getLogger("llm_gateway.finish")
@@ -26,35 +27,37 @@ CLIENT_CLOSED = 499
 _pending: set[asyncio.Task[None]] = set()
 
 
-def finish(svc: Services, call: Call, stream: StreamTranslator | None = None) -> None:
+def finish(svc: Services, call: Call, outcome: Outcome, reserved: Reservation,
+           stream: StreamTranslator | None = None) -> None:
     """End `call` (a stream's translator gives its usage); counting, when needed, goes to a
     tracked task and the other steps follow it there."""
-    if call.finished:
+    if outcome.finished:
         return
-    call.finished = True
-    generated: OutputTally | None = None
+    outcome.finished = True
+    generated: Tally | None = None
     try:
         if stream is not None:
-            call.usage = stream.usage()
+            outcome.usage = stream.usage()
             generated = stream.generated
-        if _must_count(call):
-            task = asyncio.ensure_future(_count_then_end(svc, call, generated))
+        if _must_count(outcome):
+            task = asyncio.ensure_future(_count_then_end(svc, call, outcome, reserved, generated))
             _pending.add(task)
             task.add_done_callback(_pending.discard)
             return
     except Exception:
         log.exception("reading the usage of %s failed", call.request_id)
-    _end(svc, call)
+    _end(svc, call, outcome, reserved)
 
 
-def _must_count(call: Call) -> bool:
+def _must_count(outcome: Outcome) -> bool:
     # The upstream reported nothing valid (a self-hosted server, a cut stream): count here.
-    return (not call.usage.reported and call.status in (200, CLIENT_CLOSED)
-            and call.target is not None)
+    return (not outcome.usage.reported and outcome.status in (200, CLIENT_CLOSED)
+            and outcome.target is not None)
 
 
-async def _count_then_end(svc: Services, call: Call, generated: OutputTally | None) -> None:
-    usage = call.usage
+async def _count_then_end(svc: Services, call: Call, outcome: Outcome, reserved: Reservation,
+                          generated: Tally | None) -> None:
+    usage = outcome.usage
     try:
         if generated is not None:
             usage.output_tokens = await generated.total()
@@ -62,33 +65,32 @@ async def _count_then_end(svc: Services, call: Call, generated: OutputTally | No
             usage.output_tokens = await count_texts(usage.generated, call.encoding)
             usage.generated = ()
         if not usage.input_tokens:
-            if not call.prompt_tokens:
-                call.prompt_tokens = await count_prompt(call.body, call.encoding, len(call.raw))
-            usage.input_tokens = call.prompt_tokens
+            usage.input_tokens = (reserved.prompt_tokens
+                                  or await call.ingress.count_prompt(call.ask, call.encoding))
     except Exception:
         log.exception("counting the usage of %s failed", call.request_id)
     finally:
-        _end(svc, call)
+        _end(svc, call, outcome, reserved)
 
 
-def _end(svc: Services, call: Call) -> None:
+def _end(svc: Services, call: Call, outcome: Outcome, reserved: Reservation) -> None:
     for step in (_settle, _record, _observe):
         try:
-            step(svc, call)
+            step(svc, call, outcome, reserved)
         except Exception:
             log.exception("ending %s: %s failed", call.request_id, step.__name__)
 
 
-def _settle(svc: Services, call: Call) -> None:
-    limiting.settle(svc, call)
+def _settle(svc: Services, call: Call, outcome: Outcome, reserved: Reservation) -> None:
+    limiting.settle(svc, call, reserved, outcome.usage.input_tokens + outcome.usage.output_tokens)
 
 
-def _record(svc: Services, call: Call) -> None:
-    svc.usage.emit(usage_record(call))
+def _record(svc: Services, call: Call, outcome: Outcome, reserved: Reservation) -> None:
+    svc.usage.emit(usage_record(call, outcome))
 
 
-def _observe(svc: Services, call: Call) -> None:
-    obs.request_finished(call)
+def _observe(svc: Services, call: Call, outcome: Outcome, reserved: Reservation) -> None:
+    obs.request_finished(call, outcome)
 
 
 async def drain(timeout_s: float) -> None:

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 from llm_gateway import observability as obs
@@ -34,6 +34,28 @@ QUARANTINE_DIR = "quarantine"
 MAX_TOKENS = 2**53
 
 log = logging.getLogger("llm_gateway.ledger")
+
+
+class UsageRecord(TypedDict):
+    """One request's usage, as workers hand it to the writer and the stores keep it. The writer
+    still checks what it reads (`check_record`): a queue or a spool file may hold anything."""
+
+    request_id: str
+    client_request_id: str | None
+    tenant_id: str
+    key_id: str
+    model: str
+    provider: str | None
+    target: str | None
+    input_tokens: int
+    output_tokens: int
+    cost: float | None
+    status: int
+    latency_ms: float
+    ttft_ms: float | None
+    stream: bool
+    started_at: float
+    usage_source: str  # "upstream" (reported) or "counted" (by the gateway)
 
 # A record the store can never accept, with why (an exception type or a store's error code).
 Rejected = tuple[Any, str]
@@ -217,10 +239,10 @@ class QueueSink:
         self._queue = queue
         self._spool = spool
         self._max_depth = max_depth
-        self._gathering: list[dict[str, Any]] = []
+        self._gathering: list[UsageRecord] = []
         self._retry: asyncio.TimerHandle | None = None
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, record: UsageRecord) -> None:
         self._gathering.append(record)
         if len(self._gathering) == 1:
             asyncio.get_running_loop().call_later(GATHER_S, self.flush)
@@ -249,14 +271,14 @@ class QueueSink:
         except (OSError, ValueError, NotImplementedError):
             return False
 
-    def _put(self, records: list[dict[str, Any]]) -> bool:
+    def _put(self, records: list[Any]) -> bool:
         try:
             self._queue.put_nowait(records)
         except (OSError, ValueError, AssertionError):
             return False  # a closed or unusable queue
         return True
 
-    def _keep(self, records: list[dict[str, Any]]) -> None:
+    def _keep(self, records: list[UsageRecord]) -> None:
         """Neither the queue nor the spool took them: they join the next flush, which runs
         after the next record or, at the latest, a second from now."""
         self._gathering[:0] = records

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from llm_gateway import observability as obs
 from llm_gateway.call import Call
 from llm_gateway.errors import RateLimited, ServiceUnavailable
 from llm_gateway.limits import LimiterFault, LimiterUnavailable, rate_limit_headers
 from llm_gateway.services import Services
-from llm_gateway.tokens import count_prompt, encoding_name_for, reservation
+from llm_gateway.tokens import reservation
 
 log = logging.getLogger("llm_gateway.limits")
 _LOG_EVERY_S = 30.0
@@ -25,40 +26,52 @@ _last_logged = 0.0
 _pending: set[asyncio.Task[None]] = set()
 
 
-async def reserve(svc: Services, call: Call) -> None:
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What `reserve` took: `tokens` to settle against the real usage (0: nothing to settle),
+    the prompt's tokens when it counted them (0: not counted), and the rate-limit headers for
+    the response."""
+
+    tokens: int = 0
+    prompt_tokens: int = 0
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+NOTHING = Reservation()
+
+
+async def reserve(svc: Services, call: Call) -> Reservation:
+    """Reserve 1 request and the call's tokens, or raise RateLimited (429) or, with the limiter
+    down and failing closed, ServiceUnavailable (503)."""
     tenant = call.tenant
-    call.encoding = encoding_name_for(call.model, svc.settings.tokenizer_fallback)
-    limiter = svc.limiter
-    if limiter is None or (tenant.rpm_limit <= 0 and tenant.tpm_limit <= 0):
-        return
+    if tenant.rpm_limit <= 0 and tenant.tpm_limit <= 0:
+        return NOTHING
+    prompt_tokens = tokens = 0
     if tenant.tpm_limit > 0:
         # A large prompt is counted in a thread: the loop serves other tenants meanwhile.
-        call.prompt_tokens = await count_prompt(call.body, call.encoding, len(call.raw))
-        call.reserved_tokens = reservation(
-            call.body, call.prompt_tokens, svc.settings.default_max_tokens, tenant.tpm_limit
-        )
+        prompt_tokens = await call.ingress.count_prompt(call.ask, call.encoding)
+        tokens = reservation(call.ask.max_output_tokens, prompt_tokens,
+                             svc.settings.default_max_tokens, tenant.tpm_limit)
     try:
-        decision = await limiter.reserve(
-            tenant.tenant_id, tenant.rpm_limit, tenant.tpm_limit, call.reserved_tokens
+        decision = await svc.limiter.reserve(
+            tenant.tenant_id, tenant.rpm_limit, tenant.tpm_limit, tokens
         )
     except LimiterUnavailable as exc:
-        call.reserved_tokens = 0
         _limiter_down(exc)
         if svc.settings.limiter_fail_open:
-            return
+            return Reservation(0, prompt_tokens)
         raise ServiceUnavailable(
             "Rate limiting is unavailable, so the request was refused.",
             code="rate_limiter_unavailable",
         ) from None
     headers = rate_limit_headers(decision)
-    call.response_headers.extend((k.encode(), v.encode()) for k, v in headers.items())
     if decision.allowed:
-        return
-    reserved, call.reserved_tokens = call.reserved_tokens, 0
+        return Reservation(tokens, prompt_tokens,
+                           tuple((k.encode(), v.encode()) for k, v in headers.items()))
     obs.rate_limited(call, decision.denied_by or "tpm")
     if decision.never_fits:
         raise RateLimited(
-            f"This request needs {call.prompt_tokens} prompt tokens plus its maximum output, "
+            f"This request needs {prompt_tokens} prompt tokens plus its maximum output, "
             f"more than the tenant's limit of {tenant.tpm_limit} tokens per minute: it can "
             "never fit. Lower max_tokens or the prompt size.",
             headers=headers,
@@ -68,7 +81,7 @@ async def reserve(svc: Services, call: Call) -> None:
         f"requests per minute (limit {tenant.rpm_limit})"
         if decision.denied_by == "rpm"
         else f"tokens per minute (limit {tenant.tpm_limit}, this request reserves "
-        f"{reserved})"
+        f"{tokens})"
     )
     raise RateLimited(
         f"Rate limit reached for {which}. Try again in {decision.retry_after_s:.2f}s.",
@@ -76,20 +89,18 @@ async def reserve(svc: Services, call: Call) -> None:
     )
 
 
-def settle(svc: Services, call: Call) -> None:
-    """Give back (or take) the difference between reserved and used tokens, off the critical
+def settle(svc: Services, call: Call, reserved: Reservation, used: int) -> None:
+    """Give back (or take) the difference between reserved and `used` tokens, off the critical
     path."""
-    if svc.limiter is None or call.reserved_tokens <= 0:
+    if reserved.tokens <= 0:
         return
-    actual = call.usage.input_tokens + call.usage.output_tokens
     task = asyncio.ensure_future(_settle(svc, call.tenant.tenant_id, call.tenant.tpm_limit,
-                                         call.reserved_tokens, actual))
+                                         reserved.tokens, used))
     _pending.add(task)
     task.add_done_callback(_pending.discard)
 
 
 async def _settle(svc: Services, tenant_id: str, tpm: int, reserved: int, actual: int) -> None:
-    assert svc.limiter is not None
     try:
         await svc.limiter.settle(tenant_id, tpm, reserved, actual)
     except LimiterUnavailable as exc:

@@ -33,7 +33,7 @@ from llm_gateway.tracing import RequestTrace, Tracing
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from llm_gateway.call import Call
+    from llm_gateway.call import Call, Outcome
 
 log = logging.getLogger("llm_gateway.request")
 _INFO = logging.INFO
@@ -119,7 +119,7 @@ def failure_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def attempt_span(call: Call, target: Target) -> Iterator[AttemptSpan]:
+def attempt_span(call: Call, target: Target, attempt: int) -> Iterator[AttemptSpan]:
     span = AttemptSpan()
     trace = call.trace
     otel = trace.start_attempt({
@@ -127,7 +127,7 @@ def attempt_span(call: Call, target: Target) -> Iterator[AttemptSpan]:
         "gen_ai.provider.name": target.provider,
         "gen_ai.request.model": target.model,
         "llm_gateway.target": target.name,
-        "llm_gateway.attempt": call.attempts,
+        "llm_gateway.attempt": attempt,
     }) if trace is not None else None
     try:
         yield span
@@ -173,32 +173,34 @@ def request_rejected(trace: RequestTrace, tenant: Tenant | None, model: str,
         }})
 
 
-def request_finished(call: Call) -> None:
+def request_finished(call: Call, outcome: Outcome) -> None:
     """Once per request that reached the limiter, when its response is complete (for a
     stream, when the stream ends)."""
-    target = call.target
+    target = outcome.target
     provider = target.provider if target is not None else ""
-    model, status, usage = call.model, call.status, call.usage
+    model, status, usage = call.model, outcome.status, outcome.usage
     tenant = call.tenant.tenant_id
-    latency_s = call.latency_ms() / 1000.0
-    cost = call.route.cost(usage.input_tokens, usage.output_tokens) if call.route else 0.0
+    latency_s = call.elapsed_ms() / 1000.0
+    ttft_ms = outcome.ttft_ms
+    cost = call.route.cost(usage.input_tokens, usage.output_tokens)
     m = _metrics
     if m is not None:
         m.requests(tenant, model, provider, str(status)).inc()
         m.duration(model, provider).observe(latency_s)
-        if call.stream and call.ttft_ms is not None:
-            m.ttft(model, provider).observe(call.ttft_ms / 1000.0)
+        if call.stream and ttft_ms is not None:
+            m.ttft(model, provider).observe(ttft_ms / 1000.0)
         if usage.input_tokens:
             m.tokens(tenant, model, "input").inc(usage.input_tokens)
         if usage.output_tokens:
             m.tokens(tenant, model, "output").inc(usage.output_tokens)
         if cost:
             m.cost(tenant, model).inc(cost)
-    error = str(call.error.code or call.error.type) if call.error is not None else None
+    failure = outcome.error
+    error = str(failure.code or failure.type) if failure is not None else None
     trace = call.trace
     if trace is not None:
         recording = trace.span is not None and trace.span.is_recording()
-        attrs = _span_attrs(call, provider, tenant) if recording else None
+        attrs = _span_attrs(call, outcome, provider, tenant) if recording else None
         trace.end(status, model, attrs, error)
     if log.isEnabledFor(_INFO):
         log.info("request", extra={"fields": {
@@ -213,29 +215,28 @@ def request_finished(call: Call) -> None:
             "error": error,
             "stream": call.stream,
             "latency_ms": round(latency_s * 1000.0, 3),
-            "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
+            "ttft_ms": round(ttft_ms, 3) if ttft_ms is not None else None,
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "cost": cost,
-            "attempts": call.attempts,
+            "attempts": outcome.attempts,
         }})
 
 
-def _span_attrs(call: Call, provider: str, tenant: str) -> dict[str, Any]:
+def _span_attrs(call: Call, outcome: Outcome, provider: str, tenant: str) -> dict[str, Any]:
     attrs: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": call.usage.input_tokens,
-        "gen_ai.usage.output_tokens": call.usage.output_tokens,
+        "gen_ai.usage.input_tokens": outcome.usage.input_tokens,
+        "gen_ai.usage.output_tokens": outcome.usage.output_tokens,
         "llm_gateway.tenant": tenant,
         "llm_gateway.stream": call.stream,
-        "llm_gateway.attempts": call.attempts,
+        "llm_gateway.attempts": outcome.attempts,
     }
     if provider:
         attrs["gen_ai.provider.name"] = provider
-    if call.ttft_ms is not None:
-        attrs["llm_gateway.ttft_ms"] = call.ttft_ms
-    max_tokens = call.body.get("max_completion_tokens") or call.body.get("max_tokens")
-    if isinstance(max_tokens, int):
-        attrs["gen_ai.request.max_tokens"] = max_tokens
+    if outcome.ttft_ms is not None:
+        attrs["llm_gateway.ttft_ms"] = outcome.ttft_ms
+    if call.ask.max_output_tokens is not None:
+        attrs["gen_ai.request.max_tokens"] = call.ask.max_output_tokens
     return attrs
 
 

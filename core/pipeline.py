@@ -1,19 +1,26 @@
-"""The request path of `POST /v1/chat/completions`, top to bottom.
+"""The request path of every model endpoint, top to bottom.
 
-    authenticate -> read and check the body -> look up the route -> check the model is allowed
-    -> reserve RPM/TPM -> open the upstream (failover inside) -> relay the response
-    -> settle the limits with real usage -> emit one usage record (`finish`)
+    admit: authenticate -> read the body, parsed by the endpoint's ingress -> look up the route
+           -> check the model is allowed                                      -> Call
+    limiting.reserve: RPM/TPM                                                 -> Reservation
+    router.open_upstream: the translator for (ingress, target), failover inside -> Opened
+    relay: the whole reply (`_complete`) or the stream (`streaming.relay_stream`) -> Response
+    finish.finish: settle the limits with real usage, one usage record, metrics, log line
 
-Everything provider-specific sits behind the adapter chosen in `router`; everything that can
-go wrong is a GatewayError, turned into OpenAI's error JSON in one place (`app`). Once a request
-has reached the limiter, `finish` ends it exactly once, whatever happened: on an error here, after
-a complete reply, or from the relay when a stream is over.
+An endpoint is its `Ingress` (see `ingress`): it parses the client's body and writes errors in
+the client's wire format; nothing else here knows which endpoint it serves, nor which provider.
+Everything that can go wrong is a GatewayError. Once a request has been admitted, `finish` ends
+it exactly once, whatever happened: on an error here, after a complete reply, or when a stream
+is over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from random import getrandbits
 
 from blacksheep import Content, Request, Response
@@ -21,38 +28,76 @@ from blacksheep.exceptions import MessageAborted
 from llm_gateway import limiting
 from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
-from llm_gateway.call import Call
-from llm_gateway.chat_request import parse_chat, read_body
+from llm_gateway.call import Call, Outcome
+from llm_gateway.chat_request import read_body
 from llm_gateway.disconnect import DisconnectWatcher
 from llm_gateway.domain import Tenant
 from llm_gateway.errors import GatewayError, InternalError, NotFound, PermissionDenied
 from llm_gateway.finish import finish
+from llm_gateway.ingress import Ingress
+from llm_gateway.limiting import Reservation
 from llm_gateway.router import open_upstream
 from llm_gateway.services import Services
 from llm_gateway.streaming import relay_stream
+from llm_gateway.tokens import OutputTally, encoding_name_for
 
 JSON = b"application/json"
 CLIENT_CLOSED = 499
+log = logging.getLogger("llm_gateway")
+
+Handler = Callable[[Services, Request, str], Awaitable[Response]]
 
 
-async def chat_completions(
-    svc: Services, request: Request, request_id: str, client_id: str | None
-) -> Response:
+def endpoint(ingress: Ingress) -> Handler:
+    """The handler of a model endpoint: this path, with errors in the ingress's wire format."""
+
+    async def handler(svc: Services, request: Request, rid: str) -> Response:
+        try:
+            return await serve(svc, ingress, request, rid, client_request_id(request))
+        except GatewayError as exc:
+            return ingress.error_response(exc)
+        except Exception:
+            log.exception("unhandled error on %s", request.url.path.decode())
+            return ingress.error_response(InternalError("The gateway had an internal error."))
+
+    return handler
+
+
+async def serve(svc: Services, ingress: Ingress, request: Request, request_id: str,
+                client_id: str | None) -> Response:
     t0 = time.perf_counter()
     trace = obs.start_request(request, request_id)
+    try:
+        call = await _admit(svc, ingress, request, request_id, client_id, trace, t0)
+    except MessageAborted:
+        trace.end(CLIENT_CLOSED)
+        return Response(CLIENT_CLOSED)
+    outcome = Outcome()
+    reserved = limiting.NOTHING
+    try:
+        with trace.child("limiter"):
+            reserved = await limiting.reserve(svc, call)
+        if call.stream:
+            return await _stream(svc, call, outcome, reserved, request)
+        return await _complete(svc, call, outcome, reserved, request)
+    except BaseException as exc:
+        _failed(outcome, reserved, exc)
+        finish(svc, call, outcome, reserved)
+        raise
+
+
+async def _admit(svc: Services, ingress: Ingress, request: Request, request_id: str,
+                 client_id: str | None, trace: obs.RequestTrace, t0: float) -> Call:
+    """The request, authenticated, parsed, routed and allowed; a refusal is observed here."""
     tenant: Tenant | None = None
     model = ""
     try:
         with trace.child("auth"):
             key, tenant = await authenticate(svc.catalog, request)
-        try:
-            raw = await read_body(request, svc.settings.max_body_bytes,
-                                  svc.settings.body_read_timeout_s)
-        except MessageAborted:
-            trace.end(CLIENT_CLOSED)
-            return Response(CLIENT_CLOSED)
-        body = parse_chat(raw, svc.settings.max_json_depth)
-        model = body["model"]
+        raw = await read_body(request, svc.settings.max_body_bytes,
+                              svc.settings.body_read_timeout_s)
+        ask = ingress.parse(raw, svc.settings.max_json_depth)
+        model = ask.model
         route = await svc.catalog.route(model)
         if route is None:
             raise NotFound(f"The model `{model}` does not exist or you do not have access to it.",
@@ -60,85 +105,80 @@ async def chat_completions(
         if not tenant.may_use(model):
             raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.",
                                    param="model")
+    except MessageAborted:
+        raise
     except GatewayError as exc:
         obs.request_rejected(trace, tenant, model, exc)
         raise
     except Exception:
         obs.request_rejected(trace, tenant, model, InternalError("internal error"))
         raise
-    call = Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
-                key_id=key.key_id, model=model, body=body, raw=raw,
-                stream=body.get("stream") is True, route=route, trace=trace, t0=t0)
-    try:
-        with trace.child("limiter"):
-            await limiting.reserve(svc, call)
-        if call.stream:
-            return await _stream(svc, call, request)
-        return await _complete(svc, call, request)
-    except BaseException as exc:
-        _failed(call, exc)
-        finish(svc, call)
-        raise
+    return Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
+                key_id=key.key_id, ask=ask, route=route, ingress=ingress,
+                encoding=encoding_name_for(model, svc.settings.tokenizer_fallback),
+                trace=trace, t0=t0)
 
 
-def _failed(call: Call, exc: BaseException) -> None:
+def _failed(outcome: Outcome, reserved: Reservation, exc: BaseException) -> None:
     if isinstance(exc, GatewayError):
-        call.status, call.error = exc.status, exc
-        exc.headers.update((k.decode(), v.decode()) for k, v in call.response_headers)
+        outcome.status, outcome.error = exc.status, exc
+        exc.headers.update((k.decode(), v.decode()) for k, v in reserved.headers)
     elif isinstance(exc, asyncio.CancelledError):
-        call.status = CLIENT_CLOSED  # the worker is stopping, or the client left
+        outcome.status = CLIENT_CLOSED  # the worker is stopping, or the client left
     else:  # a bug, or an input nobody foresaw: `app` answers 500; the ledger says so too
-        call.status, call.error = 500, InternalError("The gateway had an internal error.")
+        outcome.status, outcome.error = 500, InternalError("The gateway had an internal error.")
 
 
-async def _complete(svc: Services, call: Call, request: Request) -> Response:
+async def _complete(svc: Services, call: Call, outcome: Outcome, reserved: Reservation,
+                    request: Request) -> Response:
     task = asyncio.current_task()
     watcher = DisconnectWatcher(request, task.cancel if task else _noop)
     try:
-        opened = await open_upstream(svc, call)
+        opened = await open_upstream(svc, call, outcome.tries)
         try:
             content = await svc.upstream.read_body(opened.response)
         finally:
             opened.response.release()
-        call.mark_first_byte()
-        out, call.usage = opened.provider.parse_response(content, call.model)
+        outcome.ttft_ms = call.elapsed_ms()
+        out, outcome.usage = opened.translator.parse_response(content, call.model)
     except asyncio.CancelledError:
-        return _client_left(svc, call, watcher, task)
+        return _client_left(svc, call, outcome, reserved, watcher, task)
     finally:
         watcher.stop()
-    call.status = 200
+    outcome.status = 200
     # Settling, the usage record, metrics and the span end wait for the next loop iteration:
     # the response goes out first.
-    asyncio.get_running_loop().call_soon(finish, svc, call)
-    return Response(200, call.response_headers, Content(JSON, out))
+    asyncio.get_running_loop().call_soon(finish, svc, call, outcome, reserved)
+    return Response(200, list(reserved.headers), Content(JSON, out))
 
 
-async def _stream(svc: Services, call: Call, request: Request) -> Response:
+async def _stream(svc: Services, call: Call, outcome: Outcome, reserved: Reservation,
+                  request: Request) -> Response:
     task = asyncio.current_task()
     # Until the stream starts, a client that leaves cancels the attempts (and their retries).
     watcher = DisconnectWatcher(request, task.cancel if task else _noop)
     try:
-        opened = await open_upstream(svc, call)
+        opened = await open_upstream(svc, call, outcome.tries)
     except asyncio.CancelledError:
         watcher.stop()
-        return _client_left(svc, call, watcher, task)
+        return _client_left(svc, call, outcome, reserved, watcher, task)
     except BaseException:
         watcher.stop()
         raise
-    translator = opened.provider.stream_translator(
-        call.model, call.client_wants_usage, call.encoding
+    translator = opened.translator.stream_translator(
+        call.model, call.ask.wants_usage, partial(OutputTally, call.encoding)
     )
-    return relay_stream(svc, call, watcher, opened, translator)
+    return relay_stream(svc, call, outcome, reserved, watcher, opened, translator)
 
 
-def _client_left(svc: Services, call: Call, watcher: DisconnectWatcher,
-                 task: asyncio.Task[object] | None) -> Response:
+def _client_left(svc: Services, call: Call, outcome: Outcome, reserved: Reservation,
+                 watcher: DisconnectWatcher, task: asyncio.Task[object] | None) -> Response:
     if not watcher.disconnected:
         raise asyncio.CancelledError
     if task is not None:
         task.uncancel()
-    call.status = CLIENT_CLOSED
-    finish(svc, call)
+    outcome.status = CLIENT_CLOSED
+    finish(svc, call, outcome, reserved)
     return Response(CLIENT_CLOSED)
 
 

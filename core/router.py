@@ -12,7 +12,6 @@ failover is still invisible to the client; after it, never.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ import aiohttp
 import pybreaker
 from llm_gateway import observability as obs
 from llm_gateway.breakers import TargetBreaker
-from llm_gateway.call import Call
+from llm_gateway.call import Call, Tries
 from llm_gateway.domain import Route, Target
 from llm_gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamRedirect
 from llm_gateway.providers.base import Provider
@@ -37,11 +36,15 @@ from tenacity import (
 )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Opened:
-    provider: Provider
+    """An upstream response that answered with success: for a stream, its first chunk is read."""
+
+    translator: Provider  # the translator from the client's wire format to the target's
     response: aiohttp.ClientResponse
     first_chunk: bytes
+    target: Target
+    attempts: int  # including this one
 
 
 def api_key_for(target: Target) -> str | None:
@@ -68,15 +71,17 @@ def ordered_targets(route: Route) -> Sequence[Target]:
     return out
 
 
-async def open_upstream(svc: Services, call: Call) -> Opened:
-    assert call.route is not None
+async def open_upstream(svc: Services, call: Call, tries: Tries) -> Opened:
+    """The first target that answers with success, or the error of the last attempt. `tries`
+    counts the attempts as they are made (the record reports them also when all failed)."""
     s = svc.settings
     deadline = time.monotonic() + s.max_retry_time_s
     last: GatewayError | None = None
+    wire = call.ingress.wire
     for target in ordered_targets(call.route):
-        if call.attempts >= s.max_attempts or time.monotonic() >= deadline:
+        if tries.count >= s.max_attempts or time.monotonic() >= deadline:
             break
-        provider = svc.providers.get(target.provider)
+        provider = svc.translators.get((wire, target.provider))
         if provider is None:
             last = ServiceUnavailable(f"provider {target.provider!r} is not supported")
             continue
@@ -86,7 +91,7 @@ async def open_upstream(svc: Services, call: Call) -> Opened:
             last = _circuit_open(target)
             continue
         try:
-            return await _on_target(svc, call, provider, target, breaker, deadline)
+            return await _on_target(svc, call, tries, provider, target, breaker, deadline)
         except pybreaker.CircuitBreakerError:
             obs.attempt_skipped(call, target, "circuit_open")
             last = _circuit_open(target)
@@ -103,62 +108,65 @@ def _circuit_open(target: Target) -> ServiceUnavailable:
                               code="upstream_circuit_open")
 
 
-async def _on_target(svc: Services, call: Call, provider: Provider, target: Target,
-                     breaker: TargetBreaker, deadline: float) -> Opened:
+async def _on_target(svc: Services, call: Call, tries: Tries, provider: Provider,
+                     target: Target, breaker: TargetBreaker, deadline: float) -> Opened:
     """The attempts of one request on one target, under the target's breaker as one call: a
     request that fails there, however many retries it made, counts one failure (N slow requests
     from one tenant add N, not N x attempts, to the breaker every tenant shares)."""
     with breaker.attempt():
-        return await _with_retries(svc, call, provider, target, deadline)
+        return await _with_retries(svc, call, tries, provider, target, deadline)
 
 
-async def _with_retries(svc: Services, call: Call, provider: Provider, target: Target,
-                        deadline: float) -> Opened:
+async def _with_retries(svc: Services, call: Call, tries: Tries, provider: Provider,
+                        target: Target, deadline: float) -> Opened:
     s = svc.settings
     try:
-        return await _traced(svc, call, provider, target)
+        return await _traced(svc, call, tries, provider, target)
     except GatewayError as exc:
-        if s.retries_per_target == 0 or not _may_retry(exc, s, call, deadline):
+        if s.retries_per_target == 0 or not _may_retry(exc, s, tries, deadline):
             raise
         first_failure = exc
-    # Only a failure pays for the retry machinery: the happy path is one plain attempt.
-    wait = _Wait(s)
-    await asyncio.sleep(wait.after(first_failure, attempt=1))
+    # Only a failure pays for the retry machinery: the happy path is one plain attempt. The
+    # failure is replayed as tenacity's first attempt, so its own wait rule covers every retry.
+    replay: list[GatewayError] = [first_failure]
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(s.retries_per_target),
-        wait=wait,
-        retry=retry_if_exception(lambda e: _may_retry(e, s, call, deadline)),
+        stop=stop_after_attempt(1 + s.retries_per_target),
+        wait=retry_wait(s.retry_backoff_s),
+        retry=retry_if_exception(lambda e: _may_retry(e, s, tries, deadline)),
         reraise=True,
     )
     async for attempt in retrying:
         with attempt:
-            return await _traced(svc, call, provider, target)
+            if replay:
+                raise replay.pop()
+            return await _traced(svc, call, tries, provider, target)
     raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
-async def _traced(svc: Services, call: Call, provider: Provider, target: Target) -> Opened:
+async def _traced(svc: Services, call: Call, tries: Tries, provider: Provider,
+                  target: Target) -> Opened:
     """One attempt, in its own span."""
-    call.target = target
-    call.attempts += 1
-    with obs.attempt_span(call, target) as span:
-        opened = await _attempt(svc, provider, target, call)
+    tries.target = target
+    tries.count += 1
+    with obs.attempt_span(call, target, tries.count) as span:
+        resp, first = await _attempt(svc, provider, target, call)
         span.outcome = "success"
-        return opened
+        return Opened(provider, resp, first, target, tries.count)
 
 
-def _may_retry(exc: BaseException, s: Settings, call: Call, deadline: float) -> bool:
+def _may_retry(exc: BaseException, s: Settings, tries: Tries, deadline: float) -> bool:
     """Whether to try the same target again (failover to the next one is decided apart)."""
     if not isinstance(exc, GatewayError) or not exc.retryable:
         return False
     if isinstance(exc, UpstreamRedirect):
         return False  # the target answers the same way every time; the next target may not
-    if call.attempts >= s.max_attempts or time.monotonic() >= deadline:
+    if tries.count >= s.max_attempts or time.monotonic() >= deadline:
         return False
     wait = retry_after_s(exc)
     return wait is None or wait <= s.retry_after_max_s
 
 
-def retry_after_s(exc: BaseException) -> float | None:
+def retry_after_s(exc: BaseException | None) -> float | None:
     headers = getattr(exc, "headers", None) or {}
     value = headers.get("retry-after")
     if value is None:
@@ -169,43 +177,39 @@ def retry_after_s(exc: BaseException) -> float | None:
         return None  # an HTTP date: treat as "long", i.e. not worth waiting for here
 
 
-class _Wait:
-    """Exponential backoff with jitter, or the upstream's own short Retry-After."""
+class retry_wait(wait_exponential_jitter):
+    """tenacity's exponential backoff with jitter, unless the failure carries a short
+    `Retry-After` (a longer one stopped the retries in `_may_retry`): then exactly that."""
 
-    def __init__(self, s: Settings) -> None:
-        self._backoff = wait_exponential_jitter(multiplier=s.retry_backoff_s, max=2.0,
-                                                jitter=s.retry_backoff_s)
+    def __init__(self, backoff_s: float) -> None:
+        super().__init__(multiplier=backoff_s, max=2.0, jitter=backoff_s)
 
-    def after(self, exc: BaseException | None, attempt: int) -> float:
-        after = retry_after_s(exc) if exc else None
-        if after is not None:
-            return after
-        state = RetryCallState(None, None, (), {})
-        state.attempt_number = attempt
-        return float(self._backoff(state))
-
-    def __call__(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        # tenacity's attempts here are the retries after the first, plain attempt.
-        return self.after(exc, state.attempt_number + 1)
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and outcome.failed:
+            after = retry_after_s(outcome.exception())
+            if after is not None:
+                return after
+        return super().__call__(retry_state)
 
 
-async def _attempt(svc: Services, provider: Provider, target: Target, call: Call) -> Opened:
-    req = provider.build_request(
-        target, call.body, call.raw, stream=call.stream, api_key=api_key_for(target)
-    )
+async def _attempt(svc: Services, provider: Provider, target: Target,
+                   call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+    ask = call.ask
+    req = provider.build_request(target, ask.body, ask.raw, stream=ask.stream,
+                                 api_key=api_key_for(target))
     obs.inject_trace_headers(call, req.headers)
-    resp = await svc.upstream.send(req, stream=call.stream)
+    resp = await svc.upstream.send(req, stream=ask.stream)
     try:
         if resp.status >= 400:
             content = await svc.upstream.read_error_body(resp)
             headers = {k.lower(): v for k, v in resp.headers.items()}
             raise provider.map_error(resp.status, content, headers)
-        first = await svc.upstream.read_first(resp) if call.stream else b""
-        if call.stream and not first:
+        first = await svc.upstream.read_first(resp) if ask.stream else b""
+        if ask.stream and not first:
             raise UpstreamError("the upstream provider ended the stream before sending anything",
                                 code="upstream_disconnected", retryable=True)
     except BaseException:
         resp.close()
         raise
-    return Opened(provider, resp, first)
+    return resp, first

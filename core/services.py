@@ -19,8 +19,8 @@ class Services:
     settings: Settings
     store: Store
     catalog: Catalog
-    limiter: Limiter | None
+    limiter: Limiter
     upstream: UpstreamClient
-    providers: dict[str, Provider]
+    translators: dict[tuple[str, str], Provider]  # (client wire, provider name) -> translator
     usage: UsageSink
     breakers: Breakers

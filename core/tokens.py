@@ -336,12 +336,12 @@ def _parts_tokens(parts: list[Any], n: Callable[[str], int]) -> int:
     return total
 
 
-def reservation(body: dict[str, Any], prompt_tokens: int, default_max_tokens: int,
+def reservation(max_output_tokens: int | None, prompt_tokens: int, default_max_tokens: int,
                 tpm_limit: int) -> int:
-    """Tokens to reserve before forwarding: the prompt plus the most the reply may use."""
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-        return prompt_tokens + limit
+    """Tokens to reserve before forwarding: the prompt plus the most the reply may use (the
+    client's own limit, `Ask.max_output_tokens`, when it set one)."""
+    if max_output_tokens is not None:
+        return prompt_tokens + max_output_tokens
     # No explicit maximum: reserve the default, capped so that prompt + default never exceeds
     # the bucket (not just default <= tpm_limit), so a request without max_tokens whose prompt
     # fits is never refused as `never_fits`. settle corrects the reservation afterwards.

@@ -9,19 +9,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llm_gateway.ledger import MAX_TOKENS
+from llm_gateway.ledger import MAX_TOKENS, UsageRecord
 
 if TYPE_CHECKING:
-    from llm_gateway.call import Call
-
-RECORD_FIELDS = (
-    "request_id", "tenant_id", "key_id", "model", "provider", "target", "input_tokens",
-    "output_tokens", "cost", "status", "latency_ms", "ttft_ms", "stream", "started_at",
-)
+    from llm_gateway.call import Call, Outcome
 
 
 class UsageSink(Protocol):
-    def emit(self, record: dict[str, Any]) -> None: ...
+    def emit(self, record: UsageRecord) -> None: ...
 
     def flush(self) -> None:
         """Hand over whatever is still buffered (a worker calls it before it stops)."""
@@ -32,25 +27,12 @@ class UsageSink(Protocol):
         ...
 
 
-class NullSink:
-    """No ledger (tests of other parts, benchmarks of the bare path)."""
-
-    def emit(self, record: dict[str, Any]) -> None:
-        return None
-
-    def flush(self) -> None:
-        return None
-
-    def depth(self) -> int:
-        return 0
-
-
-def usage_record(call: Call) -> dict[str, Any]:
+def usage_record(call: Call, outcome: Outcome) -> UsageRecord:
     """The record of a finished request, valid whatever the upstream or the route said: token
     counts in [0, 2**53], a cost that is finite or null, text orjson can encode; so every
     store can take it."""
-    target = call.target
-    usage = call.usage
+    target = outcome.target
+    usage = outcome.usage
     input_tokens, output_tokens = _tokens(usage.input_tokens), _tokens(usage.output_tokens)
     return {
         "request_id": call.request_id,
@@ -63,9 +45,9 @@ def usage_record(call: Call) -> dict[str, Any]:
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "cost": _cost(call, input_tokens, output_tokens),
-        "status": call.status,
-        "latency_ms": round(call.latency_ms(), 3),
-        "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
+        "status": outcome.status,
+        "latency_ms": round(call.elapsed_ms(), 3),
+        "ttft_ms": round(outcome.ttft_ms, 3) if outcome.ttft_ms is not None else None,
         "stream": call.stream,
         "started_at": call.started_at,
         "usage_source": "upstream" if usage.reported else "counted",
@@ -81,8 +63,6 @@ def _tokens(n: Any) -> int:
 
 def _cost(call: Call, input_tokens: int, output_tokens: int) -> float | None:
     """The route's price of the tokens; null when it is not a finite number (a huge price)."""
-    if not call.route:
-        return 0.0
     try:
         cost = float(call.route.cost(input_tokens, output_tokens))
     except (ArithmeticError, TypeError, ValueError):

@@ -26,7 +26,7 @@ import uvloop
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from llm_gateway.ledger import SPOOL_DIR
 from llm_gateway.settings import Settings
-from llm_gateway.workers.server import make_store
+from llm_gateway.store import make_store
 from llm_gateway.workers.usage_writer import WriterSupervisor
 
 from tests.conftest import moto_process

@@ -347,7 +347,7 @@ def idle_cpu(target: Target, seconds: float) -> tuple[float, float]:
 
 
 def fake_pid(url: str) -> int | None:
-    return procstat.find_pid("llm_gateway.workers.fake_upstream", url.rsplit(":", 1)[1])
+    return procstat.find_pid("llm_gateway.testing.fake_upstream", url.rsplit(":", 1)[1])
 
 
 def k6_version() -> str:

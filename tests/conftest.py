@@ -51,7 +51,7 @@ class FakeUpstream:
 @contextmanager
 def fake_upstream_process(**flags: Any) -> Iterator[FakeUpstream]:
     port = free_port()
-    cmd = [sys.executable, "-m", "llm_gateway.workers.fake_upstream", "--port", str(port)]
+    cmd = [sys.executable, "-m", "llm_gateway.testing.fake_upstream", "--port", str(port)]
     for k, v in flags.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     url = f"http://127.0.0.1:{port}"

@@ -1,6 +1,6 @@
 """A hostile upstream for tests: an aiohttp server whose answer each test scripts in Python.
 
-The project's fake upstream (`workers/fake_upstream.py`) speaks each wire format correctly and
+The project's fake upstream (`core/testing/fake_upstream.py`) speaks each wire format correctly and
 injects well-formed faults. This one does what a broken or malicious upstream does: huge bodies,
 endless streams, stalled sockets, redirects, usage of 1e25, frames that are not objects. It runs
 in a thread of the test process, so a test states the behaviour next to its assertions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from functools import partial
 from typing import Any
 
 import httpx2
@@ -27,12 +28,13 @@ from llm_gateway.errors import (
 )
 from llm_gateway.providers.anthropic import AnthropicProvider, AnthropicStream
 from llm_gateway.providers.sse import ChunkEncoder, FrameSplitter, data_json, frame_data
-from llm_gateway.tokens import count_text_tokens
+from llm_gateway.tokens import OutputTally, count_text_tokens
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
 TARGET = Target("anthropic", "https://anthropic.local/", "claude-x", api_key="sk-ant")
 PROVIDER = AnthropicProvider(default_max_tokens=1024)
+CL100K = partial(OutputTally, "cl100k_base")  # the counting function the pipeline gives
 USER = {"role": "user", "content": "x"}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -383,7 +385,7 @@ STREAM = sse(*TEXT_EVENTS, *TOOL_EVENTS, *END_EVENTS)
 
 
 def run(pieces: list[bytes], wants_usage: bool = True) -> tuple[bytes, AnthropicStream]:
-    tr = PROVIDER.stream_translator("my-model", wants_usage, "cl100k_base")
+    tr = PROVIDER.stream_translator("my-model", wants_usage, CL100K)
     out = b"".join(tr.feed(p) for p in pieces) + tr.finish()
     assert out.endswith(b"data: [DONE]\n\n") and out.count(b"[DONE]") == 1
     return out, tr
@@ -480,7 +482,7 @@ def test_stream_usage_updated_by_cumulative_message_delta() -> None:
 
 def test_stream_error_event() -> None:
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-    tr = PROVIDER.stream_translator("m", True, "cl100k_base")
+    tr = PROVIDER.stream_translator("m", True, CL100K)
     out = tr.feed(sse(*TEXT_EVENTS[:4], error))
     out += tr.feed(sse(*TEXT_EVENTS[4:], *END_EVENTS))  # never reaches the client
     out += tr.finish()
@@ -499,7 +501,7 @@ def test_stream_error_event() -> None:
 
 
 def test_stream_cut_off_counts_what_was_generated() -> None:
-    tr = PROVIDER.stream_translator("m", False, "cl100k_base")
+    tr = PROVIDER.stream_translator("m", False, CL100K)
     tr.feed(sse(*TEXT_EVENTS, *TOOL_EVENTS[:3]))
     usage = tr.usage()
     generated = "Hello, \"wörld\" ✓\n" + "lookup" + "{\"q\": \"ca"

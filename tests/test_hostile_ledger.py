@@ -24,8 +24,10 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from llm_gateway.call import Call
+from llm_gateway.call import Call, Outcome
+from llm_gateway.chat_request import CHAT
 from llm_gateway.domain import Route, Tenant, Usage
+from llm_gateway.ingress import Ask
 from llm_gateway.ledger import SPOOL_DIR, QueueSink, Spool, check_record
 from llm_gateway.settings import Settings
 from llm_gateway.usage import usage_record
@@ -342,14 +344,14 @@ def test_writer_survives_an_unwritable_spool(ledger: Ledger, moto: Moto,
 # The edge of the record, and the workers' spill.
 
 
-def _call(usage: Usage, price: float = 1.0, model: str = "m") -> Call:
+def _call(usage: Usage, price: float = 1.0, model: str = "m") -> tuple[Call, Outcome]:
     call = Call(request_id="req_1", client_request_id=None,
-                tenant=Tenant("t", rpm_limit=0, tpm_limit=0), key_id="k", model=model,
-                body={}, raw=b"", stream=False)
-    call.route = Route("m", (), input_price_per_mtok=price, output_price_per_mtok=price)
-    call.usage = usage
-    call.status = 200
-    return call
+                tenant=Tenant("t", rpm_limit=0, tpm_limit=0), key_id="k",
+                ask=Ask(model, stream=False, max_output_tokens=None, wants_usage=False, body={},
+                        raw=b""),
+                route=Route("m", (), input_price_per_mtok=price, output_price_per_mtok=price),
+                ingress=CHAT, encoding="cl100k_base")
+    return call, Outcome(status=200, usage=usage)
 
 
 @pytest.mark.parametrize(("usage", "price", "tokens", "cost"), [
@@ -361,7 +363,7 @@ def _call(usage: Usage, price: float = 1.0, model: str = "m") -> Call:
 ])
 def test_usage_record_is_always_storable(usage: Usage, price: float, tokens: tuple[int, int],
                                          cost: float | None) -> None:
-    r = usage_record(_call(usage, price, model="bad\ud800name"))
+    r = usage_record(*_call(usage, price, model="bad\ud800name"))
     assert (r["input_tokens"], r["output_tokens"]) == tokens
     assert r["cost"] == (pytest.approx(cost) if cost is not None else None)
     orjson.dumps(r)  # raises if it is not encodable

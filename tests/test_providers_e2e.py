@@ -4,10 +4,12 @@ the client sees, and what the fake Anthropic upstream received, field by field."
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import openai
 import pytest
 from llm_gateway.providers.openai import OpenAIStream
+from llm_gateway.tokens import OutputTally
 
 from tests.conftest import FakeUpstream, Gateway, unique
 
@@ -90,7 +92,8 @@ def test_anthropic_errors_map(claude: tuple[openai.OpenAI, str],
 
 
 def test_self_hosted_counts_tokens_when_usage_missing() -> None:
-    tr = OpenAIStream(client_wants_usage=False, encoding="cl100k_base", fill_missing=True)
+    tr = OpenAIStream(client_wants_usage=False, count=partial(OutputTally, "cl100k_base"),
+                      fill_missing=True)
     out = tr.feed(b'data: {"choices":[{"index":0,"delta":{"content":"hello world"}}]}\n\n'
                   b'data: {"choices":[{"index":0,"delta":{"content":" again"}}]}\n\n')
     out += tr.finish()
@@ -110,7 +113,7 @@ def test_openai_stream_relays_frames_untouched_and_takes_usage(wants_usage: bool
     stream = b"\n\n".join([*frames, usage, b"data: [DONE]"]) + b"\n\n"
     expected = b"\n\n".join([*frames, *([usage] if wants_usage else []), b"data: [DONE]"])
     for cut in range(0, len(stream) + 1, 7):  # the whole stream in one block, and in pieces
-        tr = OpenAIStream(client_wants_usage=wants_usage, encoding="cl100k_base",
+        tr = OpenAIStream(client_wants_usage=wants_usage, count=partial(OutputTally, "cl100k_base"),
                           fill_missing=False)
         out = tr.feed(stream[:cut]) + tr.feed(stream[cut:]) + tr.finish()
         assert out == expected + b"\n\n", cut

@@ -113,11 +113,10 @@ def test_encoding_choice() -> None:
 
 
 def test_reservation() -> None:
-    assert reservation({"max_tokens": 100}, 20, 4096, 10_000) == 120
-    assert reservation({"max_completion_tokens": 50, "max_tokens": 100}, 20, 4096, 10_000) == 70
-    assert reservation({}, 20, 4096, 10_000) == 20 + 4096
-    assert reservation({}, 20, 4096, 1_000) == 1_000  # capped by the bucket
-    assert reservation({}, 20, 4096, 0) == 20 + 4096  # no token limit
+    assert reservation(100, 20, 4096, 10_000) == 120
+    assert reservation(None, 20, 4096, 10_000) == 20 + 4096
+    assert reservation(None, 20, 4096, 1_000) == 1_000  # capped by the bucket
+    assert reservation(None, 20, 4096, 0) == 20 + 4096  # no token limit
 
 
 TEXTS = [

@@ -24,37 +24,16 @@ from llm_gateway.settings import ADMIN_KEY_FILE, Settings, make_private, make_pr
 
 if TYPE_CHECKING:
     from blacksheep import Application
-    from llm_gateway.limits import Limiter
-    from llm_gateway.store.base import Store
 
 log = logging.getLogger("llm_gateway")
-
-
-def make_store(settings: Settings) -> Store:
-    if settings.embedded_store:
-        from llm_gateway.store.embedded import EmbeddedStore
-
-        return EmbeddedStore(settings.data_dir)
-    from llm_gateway.store.dynamodb import DynamoDBStore
-
-    return DynamoDBStore(settings)
-
-
-def make_limiter(settings: Settings) -> Limiter | None:
-    if settings.redis_addr:
-        from llm_gateway.limits.redis import RedisLimiter
-
-        return RedisLimiter(settings.redis_addr, cluster=settings.redis_cluster,
-                            timeout_s=settings.limiter_timeout_s)
-    from llm_gateway.limits.embedded import EmbeddedLimiter
-
-    return EmbeddedLimiter(settings.data_dir)
 
 
 def load_app(settings: Settings, usage_queue: Any, target: str = "") -> Application:
     """Granian's target loader: runs in each worker and builds that worker's app."""
     from llm_gateway.app import Gateway, build_app
     from llm_gateway.ledger import QueueSink, Spool
+    from llm_gateway.limits import make_limiter
+    from llm_gateway.store import make_store
 
     def make_sink(s: Settings) -> QueueSink:
         return QueueSink(usage_queue, Spool(s.data_dir), s.usage_queue_max)

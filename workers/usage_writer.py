@@ -32,6 +32,7 @@ from llm_gateway import observability as obs
 from llm_gateway.errors import ServiceUnavailable
 from llm_gateway.ledger import RecordRejected, Rejected, Spool
 from llm_gateway.settings import Settings
+from llm_gateway.store import make_store
 
 log = logging.getLogger("llm_gateway.usage_writer")
 STOP = None  # the sentinel
@@ -80,8 +81,6 @@ class UsageWriter:
     """The writer's loop and its state: take a batch, spool it, write the spool to the store."""
 
     def __init__(self, settings: Settings, q: Any) -> None:
-        from llm_gateway.workers.server import make_store
-
         self._q = q
         self._loop = uvloop.new_event_loop()
         self._store = make_store(settings)

@@ -47,6 +47,10 @@ class Decision:
 
 
 class Limiter(Protocol):
+    async def start(self) -> None:
+        """Connect (in each worker, after the fork)."""
+        ...
+
     async def reserve(
         self, tenant_id: str, rpm_limit: int, tpm_limit: int, tokens: int
     ) -> Decision: ...

@@ -35,9 +35,14 @@ from llm_gateway.errors import (
     UpstreamTimeout,
     clip,
 )
-from llm_gateway.providers.base import MAX_TOKENS, UpstreamRequest, token_count, upstream_json
+from llm_gateway.providers.base import (
+    MAX_TOKENS,
+    Counter,
+    UpstreamRequest,
+    token_count,
+    upstream_json,
+)
 from llm_gateway.providers.sse import DONE, ChunkEncoder, FrameSplitter, completion_id, data_json
-from llm_gateway.tokens import OutputTally
 
 ANTHROPIC_VERSION = "2023-06-01"
 # pause_turn: a server tool loop paused; what came so far is the answer the client can use.
@@ -71,8 +76,8 @@ class AnthropicProvider:
         return orjson.dumps(completion), usage
 
     def stream_translator(self, client_model: str, client_wants_usage: bool,
-                          encoding: str) -> AnthropicStream:
-        return AnthropicStream(client_model, client_wants_usage, encoding)
+                          count: Counter) -> AnthropicStream:
+        return AnthropicStream(client_model, client_wants_usage, count)
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
         etype, message = None, None
@@ -397,16 +402,15 @@ class AnthropicStream:
     for the relay to record; the client has then already been sent the error frame.
     """
 
-    def __init__(self, client_model: str, client_wants_usage: bool, encoding: str) -> None:
+    def __init__(self, client_model: str, client_wants_usage: bool, count: Counter) -> None:
         self._split = FrameSplitter()
         self._chunks = ChunkEncoder(client_model)
         self._wants_usage = client_wants_usage
-        self._encoding = encoding
         self._input: dict[str, Any] = {}  # the latest input-side usage fields reported
         self._output: int | None = None  # set by message_delta only: the final count
         self._finish: str | None = None
         self._tool_index: dict[Any, int] = {}  # Anthropic block index -> OpenAI tool index
-        self.generated = OutputTally(encoding)  # counted when the upstream never says
+        self.generated = count()  # counted when the upstream never says
         self._started = False
         self._ended = False
         self.error: GatewayError | None = None

@@ -1,19 +1,20 @@
 """What every provider adapter does, and nothing more.
 
-An adapter translates one wire format pair: the client always speaks OpenAI Chat Completions,
-the upstream speaks the provider's protocol. Translation runs again on each retry and each
-failover target, so it must never mutate the parsed request body it is given.
+A translator handles one pair of wire formats: the client's (its ingress's `wire`) and the
+upstream's (its provider's `wire`); `providers.TRANSLATORS` holds one per pair. Translation runs
+again on each retry and each failover target, so it must never mutate the parsed request body
+it is given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
-from llm_gateway.tokens import OutputTally
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,31 @@ class UpstreamRequest:
     url: str
     headers: dict[str, str]
     body: bytes
+
+
+class Tally(Protocol):
+    """The tokens of a reply as it streams, counted off the event loop in bounded memory
+    (`tokens.OutputTally`)."""
+
+    def add(self, item: str | bytes) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def full(self) -> bool: ...
+
+    async def room(self) -> None: ...
+
+    async def total(self) -> int: ...
+
+    def count(self) -> int: ...
+
+
+class Counter(Protocol):
+    """How a translator counts what a stream generated when the upstream does not say: a new
+    `Tally` in the call's encoding, for pieces `extract` turns into text (by default the pieces
+    are the text). Given to `stream_translator`, so translators never pick a tokenizer."""
+
+    def __call__(self, extract: Callable[[list[Any]], str] = ..., /) -> Tally: ...
 
 
 class StreamTranslator(Protocol):
@@ -38,7 +64,7 @@ class StreamTranslator(Protocol):
     """
 
     error: GatewayError | None
-    generated: OutputTally
+    generated: Tally
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -61,7 +87,7 @@ class Provider(Protocol):
         ...
 
     def stream_translator(
-        self, client_model: str, client_wants_usage: bool, encoding: str
+        self, client_model: str, client_wants_usage: bool, count: Counter
     ) -> StreamTranslator: ...
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:

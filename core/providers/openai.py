@@ -25,7 +25,7 @@ from llm_gateway.errors import (
     clip,
     error_body,
 )
-from llm_gateway.providers.base import UpstreamRequest, token_count, upstream_json
+from llm_gateway.providers.base import Counter, UpstreamRequest, token_count, upstream_json
 from llm_gateway.providers.sse import (
     DONE,
     MAX_FRAME_BYTES,
@@ -33,7 +33,6 @@ from llm_gateway.providers.sse import (
     data_json,
     frame_too_large,
 )
-from llm_gateway.tokens import OutputTally
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = DONE.rstrip()  # matched against frames without their blank line
@@ -82,9 +81,9 @@ class OpenAIProvider:
         return content, usage
 
     def stream_translator(
-        self, client_model: str, client_wants_usage: bool, encoding: str
+        self, client_model: str, client_wants_usage: bool, count: Counter
     ) -> OpenAIStream:
-        return OpenAIStream(client_wants_usage, encoding, self.fill_missing)
+        return OpenAIStream(client_wants_usage, count, self.fill_missing)
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
         return map_openai_error(status, content, headers)
@@ -158,9 +157,8 @@ class OpenAIStream:
     slices off the event loop, in case the upstream never reports it.
     """
 
-    def __init__(self, client_wants_usage: bool, encoding: str, fill_missing: bool) -> None:
+    def __init__(self, client_wants_usage: bool, count: Counter, fill_missing: bool) -> None:
         self._client_wants_usage = client_wants_usage
-        self._encoding = encoding
         self._fill_missing = fill_missing
         self._pending: list[bytes] = []  # an unterminated frame, in chunks
         self._pending_size = 0
@@ -168,7 +166,7 @@ class OpenAIStream:
         self._usage: Usage | None = None
         self._id: str | None = None
         self._created = 0
-        self.generated = OutputTally(encoding, _generated_text)
+        self.generated = count(_generated_text)
         self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:

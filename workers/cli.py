@@ -1,4 +1,5 @@
-"""`llm-gateway` (and `python -m llm_gateway`): serve, init-dynamodb, fake-upstream, admin."""
+"""`llm-gateway` (and `python -m llm_gateway`, `python -m llm_gateway.workers`): serve,
+init-dynamodb, fake-upstream, admin."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         admin_main(args[1:])
         return
     if args[:1] == ["fake-upstream"]:
-        from llm_gateway.workers.fake_upstream import main as fake_main
+        from llm_gateway.testing.fake_upstream import main as fake_main
 
         fake_main(args[1:])
         return

@@ -1,0 +1,53 @@
+"""What an endpoint is to the request path: an *ingress*.
+
+An ingress reads the client's body into an `Ask` (the facts the path needs: model, stream,
+output limit, whether the client wants usage in a stream) and knows how to count its prompt and
+how to write errors in the client's own wire format. Everything between (auth, limits, routing
+with failover, the relay, the end of the request) is written once in `pipeline`. The translator
+from the ingress's wire format to a target's is chosen from the table in `providers`, by the
+pair (`Ingress.wire`, the provider's wire).
+
+A new endpoint: a module with its `Ingress`, its translators, their rows in
+`providers.TRANSLATORS`, and one line in `app.ROUTES` (`("POST", path, endpoint(INGRESS))`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from blacksheep import Response
+from llm_gateway.errors import GatewayError
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A client's request, read once. `body` is the parsed JSON (translators read it, never
+    write it), `raw` its bytes (forwarded as they are where the wire formats agree)."""
+
+    model: str
+    stream: bool
+    max_output_tokens: int | None  # the client's own limit, if it set one
+    wants_usage: bool  # a stream's client asked for the usage chunk
+    body: dict[str, Any]
+    raw: bytes
+
+
+class Ingress(Protocol):
+    wire: str  # the client's wire format: the first half of a translator's key
+
+    def parse(self, raw: bytes, max_depth: int) -> Ask:
+        """The client's body, checked for what the gateway relies on (400 with `param`)."""
+        ...
+
+    async def count_prompt(self, ask: Ask, encoding: str) -> int:
+        """The prompt's tokens (for the reservation, and when the upstream reports none)."""
+        ...
+
+    def error_response(self, exc: GatewayError) -> Response:
+        """An error as the client's SDK expects it."""
+        ...
+
+    def stream_error(self, exc: GatewayError) -> bytes:
+        """The event that ends a stream which failed after its first byte."""
+        ...

@@ -1,0 +1,3 @@
+from llm_gateway.workers.cli import main
+
+main()
