@@ -158,6 +158,7 @@ class ChatIngress:
     """`POST /v1/chat/completions`."""
 
     wire = "openai.chat"
+    endpoint = "chat.completions"
 
     def parse(self, raw: bytes, max_depth: int) -> Ask:
         return parse_chat(raw, max_depth)

@@ -35,6 +35,7 @@ class Ask:
 
 class Ingress(Protocol):
     wire: str  # the client's wire format: the first half of a translator's key
+    endpoint: str  # its name in usage records and metric labels, e.g. "chat.completions"
 
     def parse(self, raw: bytes, max_depth: int) -> Ask:
         """The client's body, checked for what the gateway relies on (400 with `param`)."""

@@ -1,9 +1,10 @@
 """The provider table and the translator table.
 
-`PROVIDERS`: a target's `provider` -> the wire format its upstream speaks (admin validation and
-routing both read it). `TRANSLATORS`: (the client's wire format, the upstream's) -> how to make
-the translator for that pair. Where the two are the same, the translator forwards the bytes
-with only `model` patched.
+`PROVIDERS`: a target's `provider` -> the wire formats its upstream speaks, its own first
+(admin validation and routing both read it). `TRANSLATORS`: (the client's wire format, the
+upstream's) -> how to make the translator for that pair. Where the two are the same, the
+translator forwards the bytes with only `model` patched; a provider that speaks the client's
+wire format is always reached that way, else through its first wire that has a translator.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from llm_gateway.providers.openai import OpenAIProvider, SelfHostedProvider
 from llm_gateway.settings import Settings
 
 OPENAI_CHAT = "openai.chat"  # OpenAI Chat Completions
+OPENAI_RESPONSES = "openai.responses"  # OpenAI Responses
+OPENAI_EMBEDDINGS = "openai.embeddings"  # OpenAI Embeddings
 ANTHROPIC_MESSAGES = "anthropic.messages"  # Anthropic Messages
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderKind:
-    wire: str
+    wires: tuple[str, ...]  # the wire formats its upstream speaks, its own first
     fills_ids: bool = False  # its servers may omit `id`/`created`: the gateway fills them in
 
 
 PROVIDERS: dict[str, ProviderKind] = {
-    "openai": ProviderKind(OPENAI_CHAT),
-    "anthropic": ProviderKind(ANTHROPIC_MESSAGES),
-    "self-hosted": ProviderKind(OPENAI_CHAT, fills_ids=True),
+    "openai": ProviderKind((OPENAI_CHAT, OPENAI_RESPONSES, OPENAI_EMBEDDINGS)),
+    "anthropic": ProviderKind((ANTHROPIC_MESSAGES,)),
+    # vLLM, llama.cpp, Ollama: chat completions and embeddings, not (reliably) Responses.
+    "self-hosted": ProviderKind((OPENAI_CHAT, OPENAI_EMBEDDINGS), fills_ids=True),
 }
 
 
@@ -51,9 +55,14 @@ def build_translators(settings: Settings) -> dict[tuple[str, str], Provider]:
     """Per worker: (client wire format, provider name) -> its translator, so the router finds a
     target's in one lookup. A pair missing from `TRANSLATORS` is a target that ingress cannot
     use (503 for that target; failover goes on)."""
-    return {
-        (client, name): make(kind, settings)
-        for name, kind in PROVIDERS.items()
-        for (client, upstream), make in TRANSLATORS.items()
-        if upstream == kind.wire
-    }
+    clients = {client for client, _ in TRANSLATORS}
+    table: dict[tuple[str, str], Provider] = {}
+    for name, kind in PROVIDERS.items():
+        for client in clients:
+            # The client's own wire first: a pass-through beats any translation.
+            for upstream in sorted(kind.wires, key=lambda wire: wire != client):
+                make = TRANSLATORS.get((client, upstream))
+                if make is not None:
+                    table[client, name] = make(kind, settings)
+                    break
+    return table
