@@ -16,6 +16,7 @@ from llm_gateway.breakers import Breakers
 from llm_gateway.catalog import Catalog
 from llm_gateway.chat_request import CHAT
 from llm_gateway.domain import Route, target_label
+from llm_gateway.embeddings_request import EMBEDDINGS
 from llm_gateway.errors import (
     GatewayError,
     InternalError,
@@ -27,6 +28,8 @@ from llm_gateway.errors import (
 )
 from llm_gateway.http import route_value
 from llm_gateway.limits import Limiter, LimiterUnavailable
+from llm_gateway.messages_endpoint import count_tokens, messages
+from llm_gateway.messages_request import anthropic_error_response
 from llm_gateway.pipeline import Handler, client_request_id, endpoint, new_request_id
 from llm_gateway.providers import build_translators
 from llm_gateway.services import Services
@@ -122,6 +125,9 @@ def _admin(fn: Callable[[Services, Request], Awaitable[Response]]) -> Handler:
 # `endpoint(its ingress)`: the one request path, parsing and answering in the client's format.
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/chat/completions", endpoint(CHAT)),
+    ("POST", "/v1/messages", messages),  # endpoint(MESSAGES), bound to anthropic-* headers
+    ("POST", "/v1/messages/count_tokens", count_tokens),
+    ("POST", "/v1/embeddings", endpoint(EMBEDDINGS)),
     ("GET", "/v1/models", list_models),
     ("GET", "/v1/models/:model", get_model),
     ("GET", "/healthz", healthz),
@@ -220,11 +226,13 @@ def build_app(gateway: Gateway) -> Application:
         path = request.url.path.decode()
         if any(_same_shape(path, p) for p in paths):
             exc: GatewayError = MethodNotAllowed(
-                f"Method {request.method} is not allowed on {path}."
+                f"Method {request.method} is not allowed on {clip(path)}."
             )
         else:
-            exc = NotFound(f"Unknown path {path}.", code="unknown_url")
-        response = error_response(exc)
+            exc = NotFound(f"Unknown path {clip(path)}.", code="unknown_url")
+        # Anthropic's SDKs read errors on their paths in Anthropic's shape.
+        anthropic = path == "/v1/messages" or path.startswith("/v1/messages/")
+        response = anthropic_error_response(exc) if anthropic else error_response(exc)
         response.add_header(b"x-request-id", new_request_id().encode())
         return response
 

@@ -39,11 +39,19 @@ def bearer_token(request: Request) -> str | None:
     return token.decode("latin-1") if token else None
 
 
+def api_key_header(request: Request) -> str | None:
+    """The key of an Anthropic SDK (`x-api-key`), which the gateway accepts on every endpoint."""
+    value = request.get_first_header(b"x-api-key")
+    token = value.strip() if value else b""
+    return token.decode("latin-1") if token else None
+
+
 async def authenticate(catalog: Catalog, request: Request) -> tuple[ApiKey, Tenant]:
-    token = bearer_token(request)
+    token = bearer_token(request) or api_key_header(request)
     if token is None:
         raise AuthenticationFailed(
-            "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            code="missing_api_key"
         )
     found = await catalog.principal(hash_key(token))
     if found is None:

@@ -4,6 +4,7 @@ errors in OpenAI's JSON. `read_body` and `parse_json_object` serve every ingress
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -32,11 +33,59 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     request slot, its buffers and its tenant's concurrency only that long)."""
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_body(request, max_bytes)
+            raw = await _read_body(request, max_bytes)
     except TimeoutError:
         raise RequestTimeout(
             f"The request body did not arrive within {timeout_s:g} seconds."
         ) from None
+    coding = request.get_first_header(b"content-encoding")
+    if coding is None or coding.strip().lower() in (b"", b"identity"):
+        return raw
+    return decode_body(raw, coding.strip().lower(), max_bytes)
+
+
+# zlib's window bits for each Content-Encoding: gzip, and deflate (zlib-wrapped, as HTTP says,
+# or raw, as some clients send it).
+_WBITS = {b"gzip": (16 + zlib.MAX_WBITS,), b"x-gzip": (16 + zlib.MAX_WBITS,),
+          b"deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
+
+
+def decode_body(raw: bytes, coding: bytes, max_bytes: int) -> bytes:
+    """A compressed body, inflated; the limit holds for the inflated bytes, and inflating stops
+    the moment it passes it (a small bomb costs `max_bytes` of work, never more)."""
+    wbits = _WBITS.get(coding)
+    if wbits is None:
+        raise InvalidRequest(f"Content-Encoding {coding.decode('latin-1')[:32]!r} is not "
+                             "supported; use gzip or deflate.", code="unsupported_encoding")
+    for i, bits in enumerate(wbits):
+        try:
+            return _inflate(raw, bits, max_bytes)
+        except zlib.error:
+            if i + 1 == len(wbits):
+                raise InvalidRequest(f"The request body is not valid {coding.decode()} data.",
+                                     code="invalid_encoding") from None
+    raise AssertionError("unreachable")
+
+
+def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while data:  # one gzip member per round (a stream may hold several)
+        d = zlib.decompressobj(wbits)
+        while data:
+            out = d.decompress(data, max_bytes + 1 - size)
+            size += len(out)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"The decoded request body is larger than the limit of {max_bytes} bytes.")
+            parts.append(out)
+            data = d.unconsumed_tail
+            if d.eof:
+                break
+        if not d.eof:
+            raise zlib.error("truncated")
+        data = d.unused_data
+    return b"".join(parts)
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:

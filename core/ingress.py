@@ -31,6 +31,9 @@ class Ask:
     wants_usage: bool  # a stream's client asked for the usage chunk
     body: dict[str, Any]
     raw: bytes
+    # The client's headers its wire format defines (e.g. `anthropic-version`), for a translator
+    # whose upstream speaks the same format; never credentials.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Ingress(Protocol):

@@ -56,6 +56,7 @@ class UsageRecord(TypedDict):
     stream: bool
     started_at: float
     usage_source: str  # "upstream" (reported) or "counted" (by the gateway)
+    endpoint: str  # the ingress: "chat.completions", "messages", "embeddings", ...
 
 # A record the store can never accept, with why (an exception type or a store's error code).
 Rejected = tuple[Any, str]

@@ -30,11 +30,12 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
                     120.0, 300.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-REQUESTS = Counter("llm_gateway_requests", "Chat requests by outcome (HTTP status).",
-                   ("tenant", "model", "provider", "status"))
+REQUESTS = Counter("llm_gateway_requests",
+                   "Model requests by endpoint and outcome (HTTP status).",
+                   ("tenant", "model", "provider", "status", "endpoint"))
 DURATION = Histogram("llm_gateway_request_duration_seconds",
                      "Time from request to the last byte of the response.",
-                     ("model", "provider"), buckets=DURATION_BUCKETS)
+                     ("model", "provider", "endpoint"), buckets=DURATION_BUCKETS)
 TTFT = Histogram("llm_gateway_ttft_seconds", "Time to the first byte of a streamed response.",
                  ("model", "provider"), buckets=TTFT_BUCKETS)
 TOKENS = Counter("llm_gateway_tokens", "Tokens used, as reported or counted.",

@@ -157,13 +157,13 @@ def inject_trace_headers(call: Call, headers: dict[str, str]) -> None:
 
 
 def request_rejected(trace: RequestTrace, tenant: Tenant | None, model: str,
-                     exc: GatewayError) -> None:
+                     exc: GatewayError, endpoint: str = "") -> None:
     """A request refused before it reached the limiter (401, 400, 403, 404)."""
     tenant_id = tenant.tenant_id if tenant is not None else ""
     # An unknown model name is the client's text: never a label, and not the span's name.
     known = model if not isinstance(exc, NotFound) else ""
     if _metrics is not None:
-        _metrics.requests(tenant_id, known, "", str(exc.status)).inc()
+        _metrics.requests(tenant_id, known, "", str(exc.status), endpoint).inc()
     error = str(exc.code or exc.type)
     trace.end(exc.status, known, None, error)
     if log.isEnabledFor(_INFO):
@@ -185,8 +185,9 @@ def request_finished(call: Call, outcome: Outcome) -> None:
     cost = call.route.cost(usage.input_tokens, usage.output_tokens)
     m = _metrics
     if m is not None:
-        m.requests(tenant, model, provider, str(status)).inc()
-        m.duration(model, provider).observe(latency_s)
+        endpoint = call.ingress.endpoint
+        m.requests(tenant, model, provider, str(status), endpoint).inc()
+        m.duration(model, provider, endpoint).observe(latency_s)
         if call.stream and ttft_ms is not None:
             m.ttft(model, provider).observe(ttft_ms / 1000.0)
         if usage.input_tokens:
@@ -209,6 +210,7 @@ def request_finished(call: Call, outcome: Outcome) -> None:
             "trace_id": trace.trace_id if trace is not None else None,
             "tenant": tenant,
             "model": model,
+            "endpoint": call.ingress.endpoint,
             "provider": provider or None,
             "target": target.name if target is not None else None,
             "status": status,

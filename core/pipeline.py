@@ -108,10 +108,11 @@ async def _admit(svc: Services, ingress: Ingress, request: Request, request_id: 
     except MessageAborted:
         raise
     except GatewayError as exc:
-        obs.request_rejected(trace, tenant, model, exc)
+        obs.request_rejected(trace, tenant, model, exc, ingress.endpoint)
         raise
     except Exception:
-        obs.request_rejected(trace, tenant, model, InternalError("internal error"))
+        obs.request_rejected(trace, tenant, model, InternalError("internal error"),
+                             ingress.endpoint)
         raise
     return Call(request_id=request_id, client_request_id=client_id, tenant=tenant,
                 key_id=key.key_id, ask=ask, route=route, ingress=ingress,
@@ -140,7 +141,8 @@ async def _complete(svc: Services, call: Call, outcome: Outcome, reserved: Reser
         finally:
             opened.response.release()
         outcome.ttft_ms = call.elapsed_ms()
-        out, outcome.usage = opened.translator.parse_response(content, call.model)
+        out, outcome.usage = opened.translator.parse_response(
+            content, call.model, ask=call.ask, prompt_tokens=reserved.prompt_tokens)
     except asyncio.CancelledError:
         return _client_left(svc, call, outcome, reserved, watcher, task)
     finally:
@@ -165,9 +167,17 @@ async def _stream(svc: Services, call: Call, outcome: Outcome, reserved: Reserva
     except BaseException:
         watcher.stop()
         raise
-    translator = opened.translator.stream_translator(
-        call.model, call.ask.wants_usage, partial(OutputTally, call.encoding)
-    )
+    prompt_tokens = reserved.prompt_tokens
+    try:
+        if not prompt_tokens and opened.translator.announces_prompt:
+            prompt_tokens = await call.ingress.count_prompt(call.ask, call.encoding)
+        translator = opened.translator.stream_translator(
+            call.model, call.ask.wants_usage, partial(OutputTally, call.encoding),
+            ask=call.ask, prompt_tokens=prompt_tokens)
+    except BaseException:
+        watcher.stop()
+        opened.response.close()
+        raise
     return relay_stream(svc, call, outcome, reserved, watcher, opened, translator)
 
 

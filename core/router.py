@@ -23,7 +23,13 @@ from llm_gateway import observability as obs
 from llm_gateway.breakers import TargetBreaker
 from llm_gateway.call import Call, Tries
 from llm_gateway.domain import Route, Target
-from llm_gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamRedirect
+from llm_gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamRedirect,
+)
 from llm_gateway.providers.base import Provider
 from llm_gateway.services import Services
 from llm_gateway.settings import Settings, secret_from_env
@@ -83,7 +89,7 @@ async def open_upstream(svc: Services, call: Call, tries: Tries) -> Opened:
             break
         provider = svc.translators.get((wire, target.provider))
         if provider is None:
-            last = ServiceUnavailable(f"provider {target.provider!r} is not supported")
+            last = last or _unserved(call, target)
             continue
         breaker = svc.breakers.for_target(target.name)
         if not breaker.available():
@@ -101,6 +107,13 @@ async def open_upstream(svc: Services, call: Call, tries: Tries) -> Opened:
             last = exc
     raise last or ServiceUnavailable("No upstream target could be tried.",
                                      code="no_upstream_available")
+
+
+def _unserved(call: Call, target: Target) -> InvalidRequest:
+    return InvalidRequest(
+        f"The model `{call.route.name}` cannot serve the {call.ingress.endpoint} endpoint: its "
+        f"`{target.provider}` target does not speak that API.", code="unsupported_endpoint",
+        param="model")
 
 
 def _circuit_open(target: Target) -> ServiceUnavailable:
@@ -197,7 +210,7 @@ async def _attempt(svc: Services, provider: Provider, target: Target,
                    call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
     ask = call.ask
     req = provider.build_request(target, ask.body, ask.raw, stream=ask.stream,
-                                 api_key=api_key_for(target))
+                                 api_key=api_key_for(target), headers=ask.headers)
     obs.inject_trace_headers(call, req.headers)
     resp = await svc.upstream.send(req, stream=ask.stream)
     try:

@@ -51,6 +51,7 @@ def usage_record(call: Call, outcome: Outcome) -> UsageRecord:
         "stream": call.stream,
         "started_at": call.started_at,
         "usage_source": "upstream" if usage.reported else "counted",
+        "endpoint": call.ingress.endpoint,
     }
 
 

@@ -12,6 +12,7 @@ import copy
 import json
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from llm_gateway.providers.anthropic_to_openai import (
 )
 from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE
 from llm_gateway.providers.sse import MAX_FRAME_BYTES
-from llm_gateway.tokens import IMAGE_TOKENS_HIGH, count_text_tokens
+from llm_gateway.tokens import IMAGE_TOKENS_HIGH, OutputTally, count_text_tokens
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, CompletionCreateParams
 from pydantic import BaseModel, TypeAdapter
 
@@ -684,7 +685,8 @@ STREAMS = {
 
 def run(pieces: list[bytes], prompt_tokens: int = 31, **kw: Any
         ) -> tuple[bytes, ChatToMessagesStream]:
-    tr = ChatToMessagesStream("claude-x", prompt_tokens, "cl100k_base", **kw)
+    tr = ChatToMessagesStream("claude-x", prompt_tokens, partial(OutputTally, "cl100k_base"),
+                              **kw)
     out = b"".join(tr.feed(p) for p in pieces) + tr.finish()
     assert tr.finish() == b"" and tr.feed(b"data: {}\n\n") == b""  # ended stays ended
     return out, tr
@@ -875,7 +877,7 @@ def error_event(out: bytes) -> dict[str, Any]:
 
 
 def test_stream_upstream_error_frame() -> None:
-    tr = ChatToMessagesStream("claude-x", 9, "cl100k_base")
+    tr = ChatToMessagesStream("claude-x", 9, partial(OutputTally, "cl100k_base"))
     out = tr.feed(openai_sse(ROLE, chunk({"content": "Hel"}), done=False))
     out += tr.feed(b'data: {"error": {"message": "db password is hunter2", "type": "x"}}\n\n')
     out += tr.feed(openai_sse(chunk({"content": "lo"}), *END))  # never reaches the client
@@ -906,7 +908,7 @@ def test_stream_cut_before_the_end_is_an_error() -> None:
 
 
 def test_stream_failures_met_by_the_relay() -> None:
-    tr = ChatToMessagesStream("claude-x", 9, "cl100k_base")
+    tr = ChatToMessagesStream("claude-x", 9, partial(OutputTally, "cl100k_base"))
     tr.feed(openai_sse(ROLE, done=False))
     with pytest.raises(UpstreamError) as err:  # one event larger than the bound
         tr.feed(b"data: " + b"x" * (MAX_FRAME_BYTES + 10))
@@ -914,7 +916,7 @@ def test_stream_failures_met_by_the_relay() -> None:
     out = tr.fail(err.value)
     assert error_event(out)["error"]["type"] == "api_error" and tr.error is err.value
     assert tr.feed(b"data: {}\n\n") == b"" and tr.finish() == b"" and tr.fail(err.value) == b""
-    tr = ChatToMessagesStream("claude-x", 9, "cl100k_base")
+    tr = ChatToMessagesStream("claude-x", 9, partial(OutputTally, "cl100k_base"))
     out = tr.fail(UpstreamTimeout("the upstream provider timed out"))
     assert error_event(out)["error"] == {"type": "timeout_error",
                                          "message": "the upstream provider timed out"}
@@ -986,7 +988,7 @@ def test_hostile_stream_frames_never_crash() -> None:
 
 def test_stream_memory_is_bounded() -> None:
     """A long stream leaves no growing state: only the open block and a tally slice."""
-    tr = ChatToMessagesStream("claude-x", 1, "cl100k_base")
+    tr = ChatToMessagesStream("claude-x", 1, partial(OutputTally, "cl100k_base"))
     tr.feed(openai_sse(ROLE, done=False))
     piece = openai_sse(chunk({"content": "word " * 50}), done=False)
     for _ in range(2000):

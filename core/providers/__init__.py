@@ -13,8 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_gateway.providers.anthropic import AnthropicProvider
+from llm_gateway.providers.anthropic_messages import MessagesPassThrough
+from llm_gateway.providers.anthropic_to_openai import MessagesToChat
 from llm_gateway.providers.base import Provider
 from llm_gateway.providers.openai import OpenAIProvider, SelfHostedProvider
+from llm_gateway.providers.openai_embeddings import EmbeddingsProvider
 from llm_gateway.settings import Settings
 
 OPENAI_CHAT = "openai.chat"  # OpenAI Chat Completions
@@ -45,9 +48,24 @@ def _chat_to_messages(kind: ProviderKind, s: Settings) -> Provider:
     return AnthropicProvider(s.default_max_tokens)
 
 
+def _messages_to_messages(kind: ProviderKind, s: Settings) -> Provider:
+    return MessagesPassThrough()
+
+
+def _messages_to_chat(kind: ProviderKind, s: Settings) -> Provider:
+    return MessagesToChat("self-hosted" if kind.fills_ids else "openai")
+
+
+def _embeddings(kind: ProviderKind, s: Settings) -> Provider:
+    return EmbeddingsProvider("self-hosted" if kind.fills_ids else "openai")
+
+
 TRANSLATORS: dict[tuple[str, str], Callable[[ProviderKind, Settings], Provider]] = {
     (OPENAI_CHAT, OPENAI_CHAT): _openai_chat,
     (OPENAI_CHAT, ANTHROPIC_MESSAGES): _chat_to_messages,
+    (ANTHROPIC_MESSAGES, ANTHROPIC_MESSAGES): _messages_to_messages,
+    (ANTHROPIC_MESSAGES, OPENAI_CHAT): _messages_to_chat,
+    (OPENAI_EMBEDDINGS, OPENAI_EMBEDDINGS): _embeddings,
 }
 
 

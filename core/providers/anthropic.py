@@ -20,7 +20,7 @@ Translation runs again on each retry and failover target, so it never mutates th
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from llm_gateway.domain import Target, Usage
@@ -38,11 +38,15 @@ from llm_gateway.errors import (
 from llm_gateway.providers.base import (
     MAX_TOKENS,
     Counter,
+    Headers,
     UpstreamRequest,
     token_count,
     upstream_json,
 )
 from llm_gateway.providers.sse import DONE, ChunkEncoder, FrameSplitter, completion_id, data_json
+
+if TYPE_CHECKING:
+    from llm_gateway.ingress import Ask
 
 ANTHROPIC_VERSION = "2023-06-01"
 # pause_turn: a server tool loop paused; what came so far is the answer the client can use.
@@ -56,12 +60,13 @@ FINISH_REASONS = {
 
 class AnthropicProvider:
     name = "anthropic"
+    announces_prompt = False
 
     def __init__(self, default_max_tokens: int = 4096) -> None:
         self.default_max_tokens = default_max_tokens
 
     def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
-                      api_key: str | None) -> UpstreamRequest:
+                      api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
         headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
                    "accept-encoding": "identity"}
         if api_key:
@@ -70,13 +75,14 @@ class AnthropicProvider:
         return UpstreamRequest(f"{target.base_url.rstrip('/')}/v1/messages", headers,
                                orjson.dumps(payload))
 
-    def parse_response(self, content: bytes, client_model: str) -> tuple[bytes, Usage]:
+    def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
+                       prompt_tokens: int = 0) -> tuple[bytes, Usage]:
         message = upstream_json(content)
         completion, usage = to_chat_completion(message, client_model)
         return orjson.dumps(completion), usage
 
-    def stream_translator(self, client_model: str, client_wants_usage: bool,
-                          count: Counter) -> AnthropicStream:
+    def stream_translator(self, client_model: str, client_wants_usage: bool, count: Counter, *,
+                          ask: Ask | None = None, prompt_tokens: int = 0) -> AnthropicStream:
         return AnthropicStream(client_model, client_wants_usage, count)
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:

@@ -43,21 +43,68 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from llm_gateway.domain import Usage
+from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, InvalidRequest, UpstreamError, clip
 from llm_gateway.messages_request import anthropic_error_event, check_messages_body
-from llm_gateway.providers.base import token_count
-from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE, usage_of
+from llm_gateway.providers.base import (
+    Counter,
+    Headers,
+    UpstreamRequest,
+    token_count,
+    upstream_json,
+)
+from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE, map_openai_error, usage_of
 from llm_gateway.providers.sse import FrameSplitter, frame_data, sse_event
-from llm_gateway.tokens import OutputTally
+
+if TYPE_CHECKING:
+    from llm_gateway.ingress import Ask
 
 MAX_TOKENS_FIELD = {"openai": "max_completion_tokens", "self-hosted": "max_tokens"}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "function_call": "tool_use", "content_filter": "refusal"}
 _DROPPED_BLOCKS = frozenset(("thinking", "redacted_thinking"))
+
+
+class MessagesToChat:
+    """The translator for (anthropic.messages, openai.chat): `openai` and `self-hosted`."""
+
+    announces_prompt = True  # message_start carries the prompt's tokens; OpenAI's come last
+
+    def __init__(self, name: str = "openai") -> None:
+        self.name = name
+
+    def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
+                      api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
+        out = {"content-type": "application/json", "accept-encoding": "identity"}
+        if api_key:
+            out["authorization"] = f"Bearer {api_key}"
+        payload = to_chat_request(body, target.model, stream=stream, provider=self.name)
+        return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", out,
+                               orjson.dumps(payload))
+
+    def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
+                       prompt_tokens: int = 0) -> tuple[bytes, Usage]:
+        message, usage = to_anthropic_message(upstream_json(content), client_model,
+                                              prompt_tokens=prompt_tokens,
+                                              stop_sequences=_stops(ask))
+        return orjson.dumps(message), usage
+
+    def stream_translator(self, client_model: str, client_wants_usage: bool, count: Counter, *,
+                          ask: Ask | None = None,
+                          prompt_tokens: int = 0) -> ChatToMessagesStream:
+        return ChatToMessagesStream(client_model, prompt_tokens, count,
+                                    stop_sequences=_stops(ask))
+
+    def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
+        return map_openai_error(status, content, headers)
+
+
+def _stops(ask: Ask | None) -> tuple[str, ...]:
+    stops = ask.body.get("stop_sequences") if ask is not None else None
+    return tuple(s for s in stops if isinstance(s, str)) if isinstance(stops, list) else ()
 
 
 def to_chat_request(body: dict[str, Any], upstream_model: str, *, stream: bool,
@@ -470,7 +517,7 @@ class ChatToMessagesStream:
     relay met (a cut stream, `FrameSplitter`'s oversized frame) the same way.
     """
 
-    def __init__(self, client_model: str, prompt_tokens: int, encoding: str, *,
+    def __init__(self, client_model: str, prompt_tokens: int, count: Counter, *,
                  message_id: str | None = None, stop_sequences: Sequence[str] = ()) -> None:
         self._split = FrameSplitter()
         self._model = client_model
@@ -489,7 +536,7 @@ class ChatToMessagesStream:
         self._finish: Any = None
         self._matched: Any = None
         self._usage: Usage | None = None
-        self.generated = OutputTally(encoding)
+        self.generated = count()
         self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
+
+if TYPE_CHECKING:
+    from llm_gateway.ingress import Ask
+
+# The client's headers a translator may forward (`Ask.headers`), as (lower-case name, value).
+Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +81,27 @@ class StreamTranslator(Protocol):
 
 class Provider(Protocol):
     name: str
+    # Its streams announce the prompt's tokens before the upstream says them (Anthropic's
+    # `message_start`): the request path counts the prompt first, when the limits did not.
+    announces_prompt: bool
 
     def build_request(
-        self, target: Target, body: dict, raw: bytes, *, stream: bool, api_key: str | None
+        self, target: Target, body: dict, raw: bytes, *, stream: bool, api_key: str | None,
+        headers: Headers = (),
     ) -> UpstreamRequest:
-        """The upstream request for `body` (the client's parsed JSON; `raw` its bytes)."""
+        """The upstream request for `body` (the client's parsed JSON; `raw` its bytes;
+        `headers` the client's headers its ingress keeps for a same-wire upstream)."""
         ...
 
-    def parse_response(self, content: bytes, client_model: str) -> tuple[bytes, Usage]:
-        """A successful non-stream response -> (OpenAI `chat.completion` bytes, usage)."""
+    def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
+                       prompt_tokens: int = 0) -> tuple[bytes, Usage]:
+        """A successful non-stream response -> (the client's wire format's bytes, usage).
+        `ask` is the client's request; `prompt_tokens` the gateway's count (0: not counted)."""
         ...
 
     def stream_translator(
-        self, client_model: str, client_wants_usage: bool, count: Counter
+        self, client_model: str, client_wants_usage: bool, count: Counter, *,
+        ask: Ask | None = None, prompt_tokens: int = 0,
     ) -> StreamTranslator: ...
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:

@@ -10,7 +10,7 @@ usage; the usage-only frame the gateway asked for is dropped when the client did
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from llm_gateway.domain import Target, Usage
@@ -25,7 +25,13 @@ from llm_gateway.errors import (
     clip,
     error_body,
 )
-from llm_gateway.providers.base import Counter, UpstreamRequest, token_count, upstream_json
+from llm_gateway.providers.base import (
+    Counter,
+    Headers,
+    UpstreamRequest,
+    token_count,
+    upstream_json,
+)
 from llm_gateway.providers.sse import (
     DONE,
     MAX_FRAME_BYTES,
@@ -33,6 +39,9 @@ from llm_gateway.providers.sse import (
     data_json,
     frame_too_large,
 )
+
+if TYPE_CHECKING:
+    from llm_gateway.ingress import Ask
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = DONE.rstrip()  # matched against frames without their blank line
@@ -48,11 +57,13 @@ def _has_usage(frame: bytes) -> bool:
 
 class OpenAIProvider:
     name = "openai"
+    announces_prompt = False
     # Self-hosted servers often omit `id`/`created` and stream usage; OpenAI never does.
     fill_missing = False
 
     def build_request(
-        self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool, api_key: str | None
+        self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
+        api_key: str | None, headers: Headers = (),
     ) -> UpstreamRequest:
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if api_key:
@@ -68,7 +79,8 @@ class OpenAIProvider:
             payload = orjson.dumps(patched)
         return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", headers, payload)
 
-    def parse_response(self, content: bytes, client_model: str) -> tuple[bytes, Usage]:
+    def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
+                       prompt_tokens: int = 0) -> tuple[bytes, Usage]:
         data = upstream_json(content)
         if self.fill_missing and ("id" not in data or "created" not in data):
             data.setdefault("id", completion_id())
@@ -81,7 +93,8 @@ class OpenAIProvider:
         return content, usage
 
     def stream_translator(
-        self, client_model: str, client_wants_usage: bool, count: Counter
+        self, client_model: str, client_wants_usage: bool, count: Counter, *,
+        ask: Ask | None = None, prompt_tokens: int = 0,
     ) -> OpenAIStream:
         return OpenAIStream(client_wants_usage, count, self.fill_missing)
 

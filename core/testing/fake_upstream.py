@@ -8,6 +8,10 @@ One aiohttp server speaks both wire formats on one port:
                                 anthropic-version, required)
     POST /v1/responses          OpenAI Responses (stream with event: lines, function calls,
                                 usage with cached and reasoning details)
+    POST /v1/embeddings         OpenAI Embeddings: one deterministic 8-dimension vector per
+                                input, `encoding_format` float or base64; prompt_tokens = the
+                                words of string inputs, the ids of token inputs
+    POST /v1/messages/count_tokens  Anthropic's count: {"input_tokens": the prompt tokens}
 
 The reply is deterministic: `chunks` words "word0 word1 ...", capped by `max_tokens` /
 `max_completion_tokens` (then finish_reason "length" / stop_reason "max_tokens"). With `tools`
@@ -41,8 +45,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import json
+import struct
 import time
 import uuid
 from collections import deque
@@ -522,6 +528,46 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return out.response
 
 
+EMBEDDING_DIMENSIONS = 8
+
+
+def fake_embedding(item: Any) -> list[float]:
+    """A deterministic unit-ish vector for one input (a string or a list of token ids)."""
+    seed = sum(ord(c) for c in item) if isinstance(item, str) else sum(item) + len(item)
+    return [((seed * (i + 3)) % 97) / 97.0 for i in range(EMBEDDING_DIMENSIONS)]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await _record(request)
+    if body is None or not body.get("model") or "input" not in body:
+        return openai_error(400, "'model' and 'input' are required")
+    fault = request.app[STATE].faults.popleft() if request.app[STATE].faults else None
+    if fault and fault.kind == "status":
+        retry = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+        return openai_error(fault.status, f"scripted fault: status {fault.status}", retry)
+    raw = body["input"]
+    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+    tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in items)
+    data = []
+    for n, item in enumerate(items):
+        vector: Any = fake_embedding(item)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": n, "embedding": vector})
+    return web.json_response({"object": "list", "data": data, "model": body["model"],
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    body = await _record(request)
+    if not (request.headers.get("x-api-key") or request.headers.get("authorization")):
+        return anthropic_error(401, "x-api-key or Authorization: Bearer header is required")
+    if body is None or "model" not in body or "messages" not in body:
+        return anthropic_error(400, "model and messages are required")
+    reply = plan_reply(body, request.app[STATE].config)
+    return web.json_response({"input_tokens": reply.prompt_tokens})
+
+
 async def list_models(request: web.Request) -> web.Response:
     data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake-upstream"}
             for m in MODELS]
@@ -581,6 +627,8 @@ def build_app(config: FakeConfig) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/_control/faults", control_faults)
     app.router.add_get("/_control/config", control_config)
     app.router.add_post("/_control/config", control_config)
