@@ -95,9 +95,10 @@ def test_counters_and_histograms_after_known_traffic(gw: Gateway,
         free.chat.completions.create(model="dead", messages=MSG)  # type: ignore[arg-type]
     dead_status = str(failed.value.status_code)
 
-    def req(tenant: str, model: str, provider: str, status: str) -> float | None:
+    def req(tenant: str, model: str, provider: str, status: str,
+            endpoint: str = "chat.completions") -> float | None:
         return value(got, "llm_gateway_requests_total", tenant=tenant, model=model,
-                     provider=provider, status=status)
+                     provider=provider, status=status, endpoint=endpoint)
 
     # The last stream's request_finished runs as its generator ends: poll, never sleep.
     deadline = time.monotonic() + 10
@@ -116,8 +117,10 @@ def test_counters_and_histograms_after_known_traffic(gw: Gateway,
     def count(name: str, **labels: str) -> float | None:
         return value(got, f"{name}_count", **labels)
 
-    assert count("llm_gateway_request_duration_seconds", model="m", provider="openai") == 7
-    assert count("llm_gateway_request_duration_seconds", model="m", provider="") == 2
+    assert count("llm_gateway_request_duration_seconds", model="m", provider="openai",
+                 endpoint="chat.completions") == 7
+    assert count("llm_gateway_request_duration_seconds", model="m", provider="",
+                 endpoint="chat.completions") == 2
     assert count("llm_gateway_ttft_seconds", model="m", provider="openai") == 2  # streams only
     assert value(got, "llm_gateway_ttft_seconds_bucket", model="m", provider="openai",
                  le="+Inf") == 2
