@@ -168,7 +168,7 @@ def test_anthropic_route_stream_relays_events_and_reads_usage(claude: Setup) -> 
                     "messages": [{"role": "user", "content": "hi"}]})
     events = validated_stream(r.text)
     assert events[1]["type"] == "ping"  # relayed as the upstream sent it
-    rec = [x for x in records(claude.gateway, claude.tenant, 2) if x["output_tokens"] == 4][0]
+    rec = next(x for x in records(claude.gateway, claude.tenant, 2) if x["output_tokens"] == 4)
     assert rec["input_tokens"] == final.usage.input_tokens and rec["stream"] is True
     assert rec["endpoint"] == "messages" and rec["ttft_ms"] is not None
 
@@ -312,7 +312,7 @@ def test_openai_route_stream_announces_the_prompt_first(gpt: Setup) -> None:
     strict_message(final.model_dump())
     assert final.content[0].type == "tool_use" and final.content[0].input
     assert final.stop_reason == "tool_use"
-    rec = [x for x in records(gpt.gateway, gpt.tenant, 2) if x["output_tokens"] == 4][0]
+    rec = next(x for x in records(gpt.gateway, gpt.tenant, 2) if x["output_tokens"] == 4)
     assert rec["endpoint"] == "messages" and rec["input_tokens"] > 0 and rec["stream"]
 
 
@@ -342,10 +342,9 @@ def test_self_hosted_stream_error_becomes_an_error_event(gateway: Gateway,
     assert ErrorResponse.model_validate(events[-1][1]).error.type in ("api_error",
                                                                       "overloaded_error")
     fresh_upstream.faults({"kind": "drop_after", "chunks": 3})
-    with pytest.raises(anthropic.APIStatusError):
-        with s.client.messages.stream(model=s.model, max_tokens=8,
-                                      messages=[{"role": "user", "content": "hi"}]) as stream:
-            stream.get_final_message()
+    with pytest.raises(anthropic.APIStatusError), s.client.messages.stream(
+            model=s.model, max_tokens=8, messages=[{"role": "user", "content": "hi"}]) as stream:
+        stream.get_final_message()
 
 
 # -- count_tokens --------------------------------------------------------------------------------
