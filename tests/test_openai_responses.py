@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from llm_gateway.providers.openai_responses import (
 )
 from llm_gateway.providers.responses_to_chat import ChatToResponsesStream
 from llm_gateway.providers.sse import MAX_FRAME_BYTES
-from llm_gateway.tokens import count_text_tokens
+from llm_gateway.tokens import OutputTally, count_text_tokens
 
 from tests.test_responses_to_chat import REQUEST, SCENARIOS, START, chunk, frames
 
@@ -26,6 +27,8 @@ TARGET = Target("openai", "https://api.openai.local/v1/", "gpt-5", api_key="sk")
 USAGE = {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 12},
          "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 4},
          "total_tokens": 39}
+
+COUNT = partial(OutputTally, "cl100k_base")
 
 
 def test_request_patches_only_the_model() -> None:
@@ -86,12 +89,12 @@ def test_parse_response() -> None:
 
 def responses_sse(source: bytes) -> bytes:
     """A realistic Responses stream: what the chat translator makes of a chat stream."""
-    tr = ChatToResponsesStream("gpt-5", REQUEST, "cl100k_base")
+    tr = ChatToResponsesStream("gpt-5", REQUEST, COUNT)
     return tr.feed(source) + tr.finish()
 
 
 def relay(pieces: list[bytes]) -> tuple[bytes, ResponsesPassthroughStream]:
-    tr = ResponsesPassthroughStream("cl100k_base")
+    tr = ResponsesPassthroughStream(COUNT)
     out = b"".join(tr.feed(p) for p in pieces) + tr.finish()
     return out, tr
 
@@ -128,7 +131,7 @@ def test_stream_huge_final_event_keeps_only_its_tail() -> None:
     source = responses_sse(frames(START, chunk({"content": text}), chunk(finish="stop"),
                                   chunk(usage={"prompt_tokens": 5, "completion_tokens": 7,
                                                "total_tokens": 12}), "[DONE]"))
-    tr = ResponsesPassthroughStream("cl100k_base")
+    tr = ResponsesPassthroughStream(COUNT)
     largest: dict[bytes | None, int] = {}
     for at in range(0, len(source), 65536):
         assert tr.feed(source[at:at + 65536]) == source[at:at + 65536]

@@ -19,10 +19,9 @@ from typing import Any
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
-from llm_gateway.providers.base import UpstreamRequest, token_count, upstream_json
+from llm_gateway.providers.base import Counter, UpstreamRequest, token_count, upstream_json
 from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE
 from llm_gateway.providers.sse import MAX_FRAME_BYTES, data_json
-from llm_gateway.tokens import OutputTally
 
 _TERMINAL = frozenset((b"response.completed", b"response.incomplete", b"response.failed"))
 _DELTAS = frozenset((b"response.output_text.delta", b"response.refusal.delta",
@@ -99,14 +98,14 @@ class ResponsesPassthroughStream:
     nothing (a Responses stream has no `[DONE]`).
     """
 
-    def __init__(self, encoding: str) -> None:
+    def __init__(self, count: Counter) -> None:
         self._cr = False  # the last chunk ended in "\r"
         self._nl = False  # the last byte read ended a line
         self._head = bytearray()  # the current event's first bytes
         self._kind: bytes | None = None  # its type, once known
         self._body: bytearray | None = None  # what is kept of it (delta: all; final: the tail)
         self._usage: Usage | None = None
-        self.generated = OutputTally(encoding)
+        self.generated = count()
         self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:
