@@ -36,6 +36,7 @@ from llm_gateway.errors import GatewayError, InternalError, NotFound, Permission
 from llm_gateway.finish import finish
 from llm_gateway.ingress import Ingress
 from llm_gateway.limiting import Reservation
+from llm_gateway.providers.base import for_call
 from llm_gateway.router import open_upstream
 from llm_gateway.services import Services
 from llm_gateway.streaming import relay_stream
@@ -105,6 +106,10 @@ async def _admit(svc: Services, ingress: Ingress, request: Request, request_id: 
         if not tenant.may_use(model):
             raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.",
                                    param="model")
+        # An ingress whose requests may name the tenant's earlier ones checks they are its own.
+        check_access = getattr(ingress, "check_access", None)
+        if check_access is not None:
+            await check_access(svc, tenant, route, ask)
     except MessageAborted:
         raise
     except GatewayError as exc:
@@ -140,7 +145,8 @@ async def _complete(svc: Services, call: Call, outcome: Outcome, reserved: Reser
         finally:
             opened.response.release()
         outcome.ttft_ms = call.elapsed_ms()
-        out, outcome.usage = opened.translator.parse_response(content, call.model)
+        translator = for_call(opened.translator, svc, call, opened.target)
+        out, outcome.usage = translator.parse_response(content, call.model)
     except asyncio.CancelledError:
         return _client_left(svc, call, outcome, reserved, watcher, task)
     finally:
@@ -165,7 +171,7 @@ async def _stream(svc: Services, call: Call, outcome: Outcome, reserved: Reserva
     except BaseException:
         watcher.stop()
         raise
-    translator = opened.translator.stream_translator(
+    translator = for_call(opened.translator, svc, call, opened.target).stream_translator(
         call.model, call.ask.wants_usage, partial(OutputTally, call.encoding)
     )
     return relay_stream(svc, call, outcome, reserved, watcher, opened, translator)

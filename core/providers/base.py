@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
+
+if TYPE_CHECKING:
+    from llm_gateway.call import Call
+    from llm_gateway.services import Services
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +121,11 @@ def upstream_json(content: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UpstreamError("the upstream provider returned an unexpected response")
     return data
+
+
+def for_call(translator: Provider, svc: Services, call: Call, target: Target) -> Provider:
+    """The translator for one call: `translator` itself, or, where its replies depend on the
+    call (a Responses object echoes the request; a relayed response id is remembered with the
+    tenant and target that served it), its `for_call(svc, call, target)`: a copy bound to it."""
+    bind = getattr(translator, "for_call", None)
+    return translator if bind is None else bind(svc, call, target)  # type: ignore[no-any-return]
