@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import HTTPException
-from llm_gateway import admin, finish
+from llm_gateway import admin, finish, stored_responses
 from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
@@ -29,6 +29,7 @@ from llm_gateway.http import route_value
 from llm_gateway.limits import Limiter, LimiterUnavailable
 from llm_gateway.pipeline import Handler, client_request_id, endpoint, new_request_id
 from llm_gateway.providers import build_translators
+from llm_gateway.responses_request import RESPONSES
 from llm_gateway.services import Services
 from llm_gateway.settings import Settings
 from llm_gateway.store.base import Store
@@ -122,6 +123,10 @@ def _admin(fn: Callable[[Services, Request], Awaitable[Response]]) -> Handler:
 # `endpoint(its ingress)`: the one request path, parsing and answering in the client's format.
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/chat/completions", endpoint(CHAT)),
+    ("POST", "/v1/responses", endpoint(RESPONSES)),
+    ("GET", "/v1/responses/:response_id", stored_responses.get_response),
+    ("DELETE", "/v1/responses/:response_id", stored_responses.delete_response),
+    ("POST", "/v1/responses/:response_id/cancel", stored_responses.cancel_response),
     ("GET", "/v1/models", list_models),
     ("GET", "/v1/models/:model", get_model),
     ("GET", "/healthz", healthz),

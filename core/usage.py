@@ -51,6 +51,8 @@ def usage_record(call: Call, outcome: Outcome) -> UsageRecord:
         "stream": call.stream,
         "started_at": call.started_at,
         "usage_source": "upstream" if usage.reported else "counted",
+        "cached_input_tokens": min(_tokens(usage.cached_tokens), input_tokens),
+        "reasoning_tokens": min(_tokens(usage.reasoning_tokens), output_tokens),
     }
 
 

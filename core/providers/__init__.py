@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from llm_gateway.providers.anthropic import AnthropicProvider
 from llm_gateway.providers.base import Provider
 from llm_gateway.providers.openai import OpenAIProvider, SelfHostedProvider
+from llm_gateway.providers.responses_translators import (
+    ResponsesPassthrough,
+    ResponsesToChat,
+    ResponsesToMessages,
+)
 from llm_gateway.settings import Settings
 
 OPENAI_CHAT = "openai.chat"  # OpenAI Chat Completions
@@ -45,9 +50,24 @@ def _chat_to_messages(kind: ProviderKind, s: Settings) -> Provider:
     return AnthropicProvider(s.default_max_tokens)
 
 
+def _responses_passthrough(kind: ProviderKind, s: Settings) -> Provider:
+    return ResponsesPassthrough()
+
+
+def _responses_to_chat(kind: ProviderKind, s: Settings) -> Provider:
+    return ResponsesToChat(_openai_chat(kind, s))
+
+
+def _responses_to_messages(kind: ProviderKind, s: Settings) -> Provider:
+    return ResponsesToMessages(AnthropicProvider(s.default_max_tokens))
+
+
 TRANSLATORS: dict[tuple[str, str], Callable[[ProviderKind, Settings], Provider]] = {
     (OPENAI_CHAT, OPENAI_CHAT): _openai_chat,
     (OPENAI_CHAT, ANTHROPIC_MESSAGES): _chat_to_messages,
+    (OPENAI_RESPONSES, OPENAI_RESPONSES): _responses_passthrough,
+    (OPENAI_RESPONSES, OPENAI_CHAT): _responses_to_chat,
+    (OPENAI_RESPONSES, ANTHROPIC_MESSAGES): _responses_to_messages,
 }
 
 
