@@ -179,3 +179,29 @@ def test_hostile_frames_never_crash() -> None:
         b'"usage":{"input_tokens":1,"output_tokens":2,"note":"}{\\"}"},"user":null}}\n\n')
     _, tr = relay([tail[i:i + 4096] for i in range(0, len(tail), 4096)])
     assert (tr.usage().input_tokens, tr.usage().output_tokens) == (1, 2)
+
+
+def test_stream_tells_the_response_id_once_at_every_split() -> None:
+    source = responses_sse(SCENARIOS["text"])
+    created = json.loads(source.split(b"\n\n")[0].split(b"data: ", 1)[1])
+    for at in range(1, len(source), 3):
+        seen: list[str] = []
+        tr = ResponsesPassthroughStream(COUNT, seen.append)
+        assert tr.feed(source[:at]) + tr.feed(source[at:]) + tr.finish() == source
+        assert seen == [created["response"]["id"]], at
+
+
+def test_stream_fail_numbers_its_error_event_after_the_relayed_ones() -> None:
+    source = responses_sse(SCENARIOS["text"])
+    frames = [f for f in source.split(b"\n\n") if f]
+    whole = b"\n\n".join(frames[:3]) + b"\n\n"
+    for cut in (whole, whole + frames[3][:20]):  # between events, and inside one
+        tr = ResponsesPassthroughStream(COUNT)
+        out = tr.feed(cut) + tr.fail(UpstreamError("gone", code="upstream_disconnected"))
+        assert out.startswith(cut)
+        tail = out[len(cut):]
+        assert tail.startswith(b"event: error\n" if cut is whole else b"\n\nevent: error\n")
+        event = json.loads(tail.split(b"data: ", 1)[1])
+        assert event == {"type": "error", "code": "upstream_disconnected", "message": "gone",
+                         "param": None, "sequence_number": 3 if cut is whole else 4}
+        assert tr.error is not None and tr.error.code == "upstream_disconnected"

@@ -162,6 +162,7 @@ class ResponsesPassthroughStream:
         if self.error is None:
             self.error = error
         cut = b"\n\n" if self._head or self._kind is not None else b""
+        self._events += bool(cut)  # the event cut short ends here: it took its number
         self._head, self._kind, self._body = bytearray(), None, None
         event = orjson.dumps({"type": "error", "code": error.code, "message": error.message,
                               "param": error.param, "sequence_number": self._events})
