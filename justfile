@@ -18,7 +18,7 @@ test: install
 # Lint and type-check.
 lint: install
     {{venv}}/bin/ruff check .
-    {{venv}}/bin/mypy core workers native
+    bash .ci/mypy
 
 # Benchmarks: k6 scenarios against the gateway, the bare stack and the upstream, same run.
 # Flags pass through: `just perf --quick`, `just perf --scenarios stream-32 --soak 600`.

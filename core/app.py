@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import HTTPException
-from llm_gateway import admin, finish
+from llm_gateway import admin, finish, stored_responses
 from llm_gateway import observability as obs
 from llm_gateway.auth import authenticate
 from llm_gateway.breakers import Breakers
@@ -32,6 +32,7 @@ from llm_gateway.messages_endpoint import count_tokens, messages
 from llm_gateway.messages_request import anthropic_error_response
 from llm_gateway.pipeline import Handler, client_request_id, endpoint, new_request_id
 from llm_gateway.providers import build_translators
+from llm_gateway.responses_request import RESPONSES
 from llm_gateway.services import Services
 from llm_gateway.settings import Settings
 from llm_gateway.store.base import Store
@@ -128,6 +129,10 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/messages", messages),  # endpoint(MESSAGES), bound to anthropic-* headers
     ("POST", "/v1/messages/count_tokens", count_tokens),
     ("POST", "/v1/embeddings", endpoint(EMBEDDINGS)),
+    ("POST", "/v1/responses", endpoint(RESPONSES)),
+    ("GET", "/v1/responses/:response_id", stored_responses.get_response),
+    ("DELETE", "/v1/responses/:response_id", stored_responses.delete_response),
+    ("POST", "/v1/responses/:response_id/cancel", stored_responses.cancel_response),
     ("GET", "/v1/models", list_models),
     ("GET", "/v1/models/:model", get_model),
     ("GET", "/healthz", healthz),

@@ -94,3 +94,16 @@ class Usage:
     reported: bool = field(default=False)
     generated: tuple[str, ...] = ()
     reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseOwner:
+    """Who a response relayed from an upstream that keeps responses (an `openai` target) belongs
+    to: its tenant, and the route and target (`Target.name`) that served it, until
+    `expires_at` (epoch seconds). The gateway keeps nothing else of the response."""
+
+    response_id: str
+    tenant_id: str
+    route: str
+    target: str
+    expires_at: float

@@ -53,5 +53,10 @@ class Ingress(Protocol):
         ...
 
     def stream_error(self, exc: GatewayError) -> bytes:
-        """The event that ends a stream which failed after its first byte."""
+        """The event that ends a stream which failed after its first byte (unless the stream's
+        translator has its own `fail(exc) -> bytes`, which knows the stream's state)."""
         ...
+
+    # Optional: `async def check_access(svc, tenant, route, ask) -> None`, run once the route is
+    # allowed, for requests that name the tenant's earlier ones (Responses'
+    # `previous_response_id`): raises the error the client gets.

@@ -57,6 +57,8 @@ class UsageRecord(TypedDict):
     started_at: float
     usage_source: str  # "upstream" (reported) or "counted" (by the gateway)
     endpoint: str  # the ingress: "chat.completions", "messages", "embeddings", ...
+    cached_input_tokens: int  # of input_tokens, read from the upstream's prompt cache
+    reasoning_tokens: int  # of output_tokens, spent reasoning (where the upstream says)
 
 # A record the store can never accept, with why (an exception type or a store's error code).
 Rejected = tuple[Any, str]

@@ -36,6 +36,7 @@ from llm_gateway.errors import GatewayError, InternalError, NotFound, Permission
 from llm_gateway.finish import finish
 from llm_gateway.ingress import Ingress
 from llm_gateway.limiting import Reservation
+from llm_gateway.providers.base import for_call
 from llm_gateway.router import open_upstream
 from llm_gateway.services import Services
 from llm_gateway.streaming import relay_stream
@@ -105,6 +106,10 @@ async def _admit(svc: Services, ingress: Ingress, request: Request, request_id: 
         if not tenant.may_use(model):
             raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.",
                                    param="model")
+        # An ingress whose requests may name the tenant's earlier ones checks they are its own.
+        check_access = getattr(ingress, "check_access", None)
+        if check_access is not None:
+            await check_access(svc, tenant, route, ask)
     except MessageAborted:
         raise
     except GatewayError as exc:
@@ -141,7 +146,8 @@ async def _complete(svc: Services, call: Call, outcome: Outcome, reserved: Reser
         finally:
             opened.response.release()
         outcome.ttft_ms = call.elapsed_ms()
-        out, outcome.usage = opened.translator.parse_response(
+        translator = for_call(opened.translator, svc, call, opened.target)
+        out, outcome.usage = translator.parse_response(
             content, call.model, ask=call.ask, prompt_tokens=reserved.prompt_tokens)
     except asyncio.CancelledError:
         return _client_left(svc, call, outcome, reserved, watcher, task)
@@ -171,7 +177,7 @@ async def _stream(svc: Services, call: Call, outcome: Outcome, reserved: Reserva
     try:
         if not prompt_tokens and opened.translator.announces_prompt:
             prompt_tokens = await call.ingress.count_prompt(call.ask, call.encoding)
-        translator = opened.translator.stream_translator(
+        translator = for_call(opened.translator, svc, call, opened.target).stream_translator(
             call.model, call.ask.wants_usage, partial(OutputTally, call.encoding),
             ask=call.ask, prompt_tokens=prompt_tokens)
     except BaseException:

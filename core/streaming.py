@@ -80,7 +80,8 @@ def relay_stream(
     translator: StreamTranslator,
 ) -> Response:
     resp = opened.response
-    ingress = call.ingress
+    # A translator that knows its stream's state (sequence numbers, open items) ends it itself.
+    end_with = getattr(translator, "fail", None) or call.ingress.stream_error
     # From now on a client that leaves closes the upstream response: generation stops at once.
     watcher.on_disconnect = resp.close
     ending = _Ending(svc, call, outcome, reserved, watcher, opened, translator)
@@ -107,13 +108,13 @@ def relay_stream(
                 outcome.status = CLIENT_CLOSED
             else:
                 outcome.status = exc.status
-                yield ingress.stream_error(exc)
+                yield end_with(exc)
         except Exception:
             log.exception("relaying the stream of %s failed", call.request_id)
             outcome.error = InternalError("The gateway had an internal error.")
             outcome.status = CLIENT_CLOSED if watcher.disconnected else outcome.error.status
             if not watcher.disconnected:
-                yield ingress.stream_error(outcome.error)
+                yield end_with(outcome.error)
         finally:
             ending()
 

@@ -60,17 +60,19 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
 
-    async def send(self, req: UpstreamRequest, *, stream: bool) -> aiohttp.ClientResponse:
-        """POST and wait for the response headers: within the first-byte timeout for a stream,
-        within the request timeout otherwise (a non-stream upstream often sends its headers
-        only when generation has ended). Redirects are never followed."""
+    async def send(self, req: UpstreamRequest, *, stream: bool,
+                   method: str = "POST") -> aiohttp.ClientResponse:
+        """Send (POST, unless `method` says otherwise) and wait for the response headers: within
+        the first-byte timeout for a stream, within the request timeout otherwise (a non-stream
+        upstream often sends its headers only when generation has ended). Redirects are never
+        followed."""
         assert self._session is not None, "upstream client not started"
         s = self._settings
         wait_s = s.first_byte_timeout_s if stream else s.request_timeout_s
         with translate_errors():
             async with asyncio.timeout(wait_s):
-                resp = await self._session.post(
-                    _url(req.url), data=req.body, headers=req.headers,
+                resp = await self._session.request(
+                    method, _url(req.url), data=req.body, headers=req.headers,
                     # A redirect would re-send the prompt, and the target's key, elsewhere.
                     allow_redirects=False,
                     timeout=self._timeout if stream else self._complete_timeout,

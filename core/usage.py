@@ -52,6 +52,8 @@ def usage_record(call: Call, outcome: Outcome) -> UsageRecord:
         "started_at": call.started_at,
         "usage_source": "upstream" if usage.reported else "counted",
         "endpoint": call.ingress.endpoint,
+        "cached_input_tokens": min(_tokens(usage.cached_tokens), input_tokens),
+        "reasoning_tokens": min(_tokens(usage.reasoning_tokens), output_tokens),
     }
 
 

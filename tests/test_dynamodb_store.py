@@ -10,13 +10,15 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from llm_gateway.auth import make_key
-from llm_gateway.domain import Route, Target, Tenant
+from llm_gateway.domain import ResponseOwner, Route, Target, Tenant
 from llm_gateway.errors import Conflict, NotFound, ServiceUnavailable
 from llm_gateway.settings import Settings
 from llm_gateway.store.dynamodb import DynamoDBStore
+from llm_gateway.store.embedded import EmbeddedStore
 
 from tests.conftest import Moto, dynamodb_env, unique
 from tests.procs import free_port
@@ -174,3 +176,26 @@ def test_init_dynamodb_command_is_idempotent(moto: Moto) -> None:
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "_Usage" in out.stdout
+
+
+async def test_response_owners(store: DynamoDBStore, tmp_path: Path) -> None:
+    embedded = EmbeddedStore(tmp_path)
+    await embedded.start()
+    try:
+        for s in (store, embedded):
+            # Not an admin write: the caches' generation stays (DynamoDB's also moves with time).
+            generation = s.generation() if s is embedded else store._local_writes
+            now = time.time()
+            live = ResponseOwner("resp_a", "t1", "route", "openai:http://x/v1#m", now + 60)
+            await s.put_response_owner(live)
+            await s.put_response_owner(ResponseOwner("resp_old", "t1", "r", "t", now - 1))
+            assert await s.get_response_owner("resp_a") == ResponseOwner(
+                "resp_a", "t1", "route", "openai:http://x/v1#m", float(int(now + 60))
+                if s is store else now + 60)
+            assert await s.get_response_owner("resp_old") is None  # expired
+            assert await s.get_response_owner("resp_none") is None
+            await s.delete_response_owner("resp_a")
+            assert await s.get_response_owner("resp_a") is None
+            assert (s.generation() if s is embedded else store._local_writes) == generation
+    finally:
+        await embedded.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from llm_gateway.providers.openai_responses import (
 )
 from llm_gateway.providers.responses_to_chat import ChatToResponsesStream
 from llm_gateway.providers.sse import MAX_FRAME_BYTES
-from llm_gateway.tokens import count_text_tokens
+from llm_gateway.tokens import OutputTally, count_text_tokens
 
 from tests.test_responses_to_chat import REQUEST, SCENARIOS, START, chunk, frames
 
@@ -26,6 +27,8 @@ TARGET = Target("openai", "https://api.openai.local/v1/", "gpt-5", api_key="sk")
 USAGE = {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 12},
          "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 4},
          "total_tokens": 39}
+
+COUNT = partial(OutputTally, "cl100k_base")
 
 
 def test_request_patches_only_the_model() -> None:
@@ -86,12 +89,12 @@ def test_parse_response() -> None:
 
 def responses_sse(source: bytes) -> bytes:
     """A realistic Responses stream: what the chat translator makes of a chat stream."""
-    tr = ChatToResponsesStream("gpt-5", REQUEST, "cl100k_base")
+    tr = ChatToResponsesStream("gpt-5", REQUEST, COUNT)
     return tr.feed(source) + tr.finish()
 
 
 def relay(pieces: list[bytes]) -> tuple[bytes, ResponsesPassthroughStream]:
-    tr = ResponsesPassthroughStream("cl100k_base")
+    tr = ResponsesPassthroughStream(COUNT)
     out = b"".join(tr.feed(p) for p in pieces) + tr.finish()
     return out, tr
 
@@ -128,7 +131,7 @@ def test_stream_huge_final_event_keeps_only_its_tail() -> None:
     source = responses_sse(frames(START, chunk({"content": text}), chunk(finish="stop"),
                                   chunk(usage={"prompt_tokens": 5, "completion_tokens": 7,
                                                "total_tokens": 12}), "[DONE]"))
-    tr = ResponsesPassthroughStream("cl100k_base")
+    tr = ResponsesPassthroughStream(COUNT)
     largest: dict[bytes | None, int] = {}
     for at in range(0, len(source), 65536):
         assert tr.feed(source[at:at + 65536]) == source[at:at + 65536]
@@ -176,3 +179,29 @@ def test_hostile_frames_never_crash() -> None:
         b'"usage":{"input_tokens":1,"output_tokens":2,"note":"}{\\"}"},"user":null}}\n\n')
     _, tr = relay([tail[i:i + 4096] for i in range(0, len(tail), 4096)])
     assert (tr.usage().input_tokens, tr.usage().output_tokens) == (1, 2)
+
+
+def test_stream_tells_the_response_id_once_at_every_split() -> None:
+    source = responses_sse(SCENARIOS["text"])
+    created = json.loads(source.split(b"\n\n")[0].split(b"data: ", 1)[1])
+    for at in range(1, len(source), 3):
+        seen: list[str] = []
+        tr = ResponsesPassthroughStream(COUNT, seen.append)
+        assert tr.feed(source[:at]) + tr.feed(source[at:]) + tr.finish() == source
+        assert seen == [created["response"]["id"]], at
+
+
+def test_stream_fail_numbers_its_error_event_after_the_relayed_ones() -> None:
+    source = responses_sse(SCENARIOS["text"])
+    frames = [f for f in source.split(b"\n\n") if f]
+    whole = b"\n\n".join(frames[:3]) + b"\n\n"
+    for cut in (whole, whole + frames[3][:20]):  # between events, and inside one
+        tr = ResponsesPassthroughStream(COUNT)
+        out = tr.feed(cut) + tr.fail(UpstreamError("gone", code="upstream_disconnected"))
+        assert out.startswith(cut)
+        tail = out[len(cut):]
+        assert tail.startswith(b"event: error\n" if cut is whole else b"\n\nevent: error\n")
+        event = json.loads(tail.split(b"data: ", 1)[1])
+        assert event == {"type": "error", "code": "upstream_disconnected", "message": "gone",
+                         "param": None, "sequence_number": 3 if cut is whole else 4}
+        assert tr.error is not None and tr.error.code == "upstream_disconnected"

@@ -12,6 +12,7 @@ import copy
 import json
 import random
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from llm_gateway.providers.responses_to_chat import (
     to_chat_request,
     to_response,
 )
-from llm_gateway.tokens import IMAGE_TOKENS, count_prompt_tokens, reservation
+from llm_gateway.tokens import IMAGE_TOKENS, OutputTally, count_prompt_tokens, reservation
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, CompletionCreateParams
 from openai.types.responses import Response, ResponseCreateParams, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
@@ -57,6 +58,8 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
 CHAT_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city", "strict": True,
     "parameters": WEATHER["parameters"]}}
+
+COUNT = partial(OutputTally, "cl100k_base")
 
 
 def strict(model: Any, path: str = "$") -> None:
@@ -343,7 +346,7 @@ def test_prompt_view_counts_like_the_translated_request() -> None:
     assert count_prompt_tokens(view, "o200k_base") == count_prompt_tokens(
         {"messages": [{"role": "user", "content": []}], "tools": body["tools"]},
         "o200k_base") + IMAGE_TOKENS
-    assert reservation(view, 10, 4096, 0) == 110
+    assert reservation(view["max_tokens"], 10, 4096, 0) == 110
     for hostile in ({}, {"input": 5, "instructions": 3, "max_output_tokens": True},
                     {"input": [5, {"type": "x"}, {"role": "user", "content": [1, {}]}]}):
         assert count_prompt_tokens(prompt_view(hostile), "o200k_base") >= 0
@@ -563,7 +566,7 @@ def accumulate(source: bytes) -> dict[str, Any]:
 def run(pieces: list[bytes], request: dict[str, Any] = REQUEST,
         **options: Any) -> tuple[bytes, ChatToResponsesStream]:
     before = copy.deepcopy(request)
-    tr = ChatToResponsesStream("route", request, "cl100k_base", **options)
+    tr = ChatToResponsesStream("route", request, COUNT, **options)
     out = b"".join(tr.feed(p) for p in pieces) + tr.finish()
     assert request == before
     assert b"[DONE]" not in out
@@ -738,7 +741,7 @@ def test_stream_error_frame_cut_stream_and_fail() -> None:
     assert tr.error is not None and tr.error.code == "upstream_incomplete_stream"
     out, tr = run([])  # nothing at all
     failed(out)
-    tr = ChatToResponsesStream("route", REQUEST, "cl100k_base")
+    tr = ChatToResponsesStream("route", REQUEST, COUNT)
     out = tr.feed(frames(START, *ONE_CALL[:2])) + tr.fail(UpstreamError("read timed out"))
     assert tr.fail(UpstreamError("again")) == b"" and tr.feed(frames(*TEXT)) == b""
     assert tr.finish() == b""
@@ -750,7 +753,7 @@ def test_stream_bounds() -> None:
     response = failed(out)
     assert 980 < len(response["output"][0]["content"][0]["text"].encode()) <= 1000
     assert tr.error is not None and tr.error.code == "upstream_response_too_large"
-    tr = ChatToResponsesStream("route", REQUEST, "cl100k_base")
+    tr = ChatToResponsesStream("route", REQUEST, COUNT)
     out = tr.feed(b"data: " + b"x" * (2 << 20))  # an event that never ends
     failed(out + tr.finish())
     assert tr.error is not None and tr.error.code == "upstream_response_too_large"
@@ -895,8 +898,8 @@ def test_anthropic_tool_exchange() -> None:
 
 
 def chained() -> ChainedStream:
-    return ChainedStream(AnthropicStream("route", True, "cl100k_base"),
-                         ChatToResponsesStream("route", REQUEST, "cl100k_base"))
+    return ChainedStream(AnthropicStream("route", True, COUNT),
+                         ChatToResponsesStream("route", REQUEST, None))
 
 
 def test_anthropic_stream_through_the_chain() -> None:

@@ -18,6 +18,11 @@ from llm_gateway.providers.anthropic_to_openai import MessagesToChat
 from llm_gateway.providers.base import Provider
 from llm_gateway.providers.openai import OpenAIProvider, SelfHostedProvider
 from llm_gateway.providers.openai_embeddings import EmbeddingsProvider
+from llm_gateway.providers.responses_translators import (
+    ResponsesPassthrough,
+    ResponsesToChat,
+    ResponsesToMessages,
+)
 from llm_gateway.settings import Settings
 
 OPENAI_CHAT = "openai.chat"  # OpenAI Chat Completions
@@ -58,6 +63,16 @@ def _messages_to_chat(kind: ProviderKind, s: Settings) -> Provider:
 
 def _embeddings(kind: ProviderKind, s: Settings) -> Provider:
     return EmbeddingsProvider("self-hosted" if kind.fills_ids else "openai")
+def _responses_passthrough(kind: ProviderKind, s: Settings) -> Provider:
+    return ResponsesPassthrough()
+
+
+def _responses_to_chat(kind: ProviderKind, s: Settings) -> Provider:
+    return ResponsesToChat(_openai_chat(kind, s))
+
+
+def _responses_to_messages(kind: ProviderKind, s: Settings) -> Provider:
+    return ResponsesToMessages(AnthropicProvider(s.default_max_tokens))
 
 
 TRANSLATORS: dict[tuple[str, str], Callable[[ProviderKind, Settings], Provider]] = {
@@ -66,6 +81,9 @@ TRANSLATORS: dict[tuple[str, str], Callable[[ProviderKind, Settings], Provider]]
     (ANTHROPIC_MESSAGES, ANTHROPIC_MESSAGES): _messages_to_messages,
     (ANTHROPIC_MESSAGES, OPENAI_CHAT): _messages_to_chat,
     (OPENAI_EMBEDDINGS, OPENAI_EMBEDDINGS): _embeddings,
+    (OPENAI_RESPONSES, OPENAI_RESPONSES): _responses_passthrough,
+    (OPENAI_RESPONSES, OPENAI_CHAT): _responses_to_chat,
+    (OPENAI_RESPONSES, ANTHROPIC_MESSAGES): _responses_to_messages,
 }
 
 

@@ -67,12 +67,12 @@ class AnthropicProvider:
 
     def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
                       api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
-        headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
-                   "accept-encoding": "identity"}
+        sent = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
+                "accept-encoding": "identity"}
         if api_key:
-            headers["x-api-key"] = api_key
+            sent["x-api-key"] = api_key
         payload = to_messages_request(body, target.model, self.default_max_tokens, stream)
-        return UpstreamRequest(f"{target.base_url.rstrip('/')}/v1/messages", headers,
+        return UpstreamRequest(f"{target.base_url.rstrip('/')}/v1/messages", sent,
                                orjson.dumps(payload))
 
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,

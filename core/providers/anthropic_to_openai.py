@@ -667,7 +667,7 @@ class ChatToMessagesStream:
             self._tool = index if index is not None else self._tool + 1
             self._tool_id = _tool_use_id(call_id)
             self._has_tools = True
-            name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+            name = fn["name"] if isinstance(fn.get("name"), str) else ""
             if self._usage is None:
                 self.generated.add(name)
             out = self._open_block({"type": "tool_use", "id": self._tool_id, "name": name,

@@ -17,7 +17,9 @@ from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
 
 if TYPE_CHECKING:
+    from llm_gateway.call import Call
     from llm_gateway.ingress import Ask
+    from llm_gateway.services import Services
 
 # The client's headers a translator may forward (`Ask.headers`), as (lower-case name, value).
 Headers = tuple[tuple[str, str], ...]
@@ -131,3 +133,11 @@ def upstream_json(content: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UpstreamError("the upstream provider returned an unexpected response")
     return data
+
+
+def for_call(translator: Provider, svc: Services, call: Call, target: Target) -> Provider:
+    """The translator for one call: `translator` itself, or, where its replies depend on the
+    call (a Responses object echoes the request; a relayed response id is remembered with the
+    tenant and target that served it), its `for_call(svc, call, target)`: a copy bound to it."""
+    bind = getattr(translator, "for_call", None)
+    return translator if bind is None else bind(svc, call, target)  # type: ignore[no-any-return]

@@ -65,9 +65,9 @@ class OpenAIProvider:
         self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
         api_key: str | None, headers: Headers = (),
     ) -> UpstreamRequest:
-        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        sent = {"content-type": "application/json", "accept-encoding": "identity"}
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+            sent["authorization"] = f"Bearer {api_key}"
         wants_usage = stream and not _include_usage(body)
         if body.get("model") == target.model and not wants_usage:
             payload = raw
@@ -77,7 +77,7 @@ class OpenAIProvider:
                 patched["stream_options"] = {**(body.get("stream_options") or {}),
                                              "include_usage": True}
             payload = orjson.dumps(patched)
-        return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", headers, payload)
+        return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", sent, payload)
 
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
                        prompt_tokens: int = 0) -> tuple[bytes, Usage]:

@@ -14,20 +14,23 @@ in case the stream is cut.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
-from llm_gateway.providers.base import UpstreamRequest, token_count, upstream_json
+from llm_gateway.providers.base import Counter, UpstreamRequest, token_count, upstream_json
 from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE
 from llm_gateway.providers.sse import MAX_FRAME_BYTES, data_json
-from llm_gateway.tokens import OutputTally
 
 _TERMINAL = frozenset((b"response.completed", b"response.incomplete", b"response.failed"))
 _DELTAS = frozenset((b"response.output_text.delta", b"response.refusal.delta",
                      b"response.function_call_arguments.delta"))
 _FAILURES = frozenset((b"response.failed", b"error"))
+# The id in the head of `response.created`, whose `response` object OpenAI starts with it.
+_RESPONSE_ID = re.compile(rb'"response":\s*\{\s*"id":\s*"([A-Za-z0-9_-]{1,128})"')
 # Bytes of an event read to learn its type, and of a final event kept to find its usage.
 HEAD_BYTES = 256
 TAIL_BYTES = 64 * 1024
@@ -84,11 +87,18 @@ def response_texts(data: Any) -> list[str]:
 
 def parse_responses_response(content: bytes) -> tuple[bytes, Usage]:
     """A successful non-stream answer: relayed as is, with its usage."""
+    content, usage, _ = parse_responses_reply(content)
+    return content, usage
+
+
+def parse_responses_reply(content: bytes) -> tuple[bytes, Usage, str | None]:
+    """`parse_responses_response`, and the response's id (None if it has none)."""
     data = upstream_json(content)
     usage = responses_usage(data)
     if not usage.reported:
         usage.generated = tuple(response_texts(data))
-    return content, usage
+    response_id = data.get("id")
+    return content, usage, response_id if isinstance(response_id, str) else None
 
 
 class ResponsesPassthroughStream:
@@ -99,14 +109,17 @@ class ResponsesPassthroughStream:
     nothing (a Responses stream has no `[DONE]`).
     """
 
-    def __init__(self, encoding: str) -> None:
+    def __init__(self, count: Counter,
+                 on_id: Callable[[str], None] | None = None) -> None:
+        self._on_id = on_id  # told the response's id, from its first event
+        self._events = 0  # events ended so far: OpenAI numbers them from 0, one by one
         self._cr = False  # the last chunk ended in "\r"
         self._nl = False  # the last byte read ended a line
         self._head = bytearray()  # the current event's first bytes
         self._kind: bytes | None = None  # its type, once known
         self._body: bytearray | None = None  # what is kept of it (delta: all; final: the tail)
         self._usage: Usage | None = None
-        self.generated = OutputTally(encoding)
+        self.generated = count()
         self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -143,6 +156,19 @@ class ResponsesPassthroughStream:
     def usage(self) -> Usage:
         return self._usage if self._usage is not None else Usage()
 
+    def fail(self, error: GatewayError) -> bytes:
+        """Ends the client's stream with an `error` event (after the end of an event cut
+        short), numbered after the events relayed; `error` is what the request records."""
+        if self.error is None:
+            self.error = error
+        cut = b"\n\n" if self._head or self._kind is not None else b""
+        self._events += bool(cut)  # the event cut short ends here: it took its number
+        self._head, self._kind, self._body = bytearray(), None, None
+        event = orjson.dumps({"type": "error", "code": error.code, "message": error.message,
+                              "param": error.param, "sequence_number": self._events})
+        self._events += 1
+        return cut + b"event: error\ndata: " + event + b"\n\n"
+
     def _take(self, data: bytes) -> None:
         if not data:
             return
@@ -173,6 +199,11 @@ class ResponsesPassthroughStream:
             if at >= 0:
                 kind = head[at + 7:].lstrip(b" ")[1:].split(b'"', 1)[0]
         self._kind = kind
+        if kind == b"response.created" and self._on_id is not None:
+            found = _RESPONSE_ID.search(head)
+            if found:
+                self._on_id(found.group(1).decode())
+            self._on_id = None
         if kind in _FAILURES and self.error is None:
             self.error = UpstreamError(STREAM_ERROR_MESSAGE)
         keep = kind in _TERMINAL or (kind in _DELTAS and self._usage is None)
@@ -181,6 +212,8 @@ class ResponsesPassthroughStream:
     def _end_event(self) -> None:
         if self._kind is None and self._head.strip():
             self._classify()
+        if self._kind is not None:
+            self._events += 1
         body, kind = self._body, self._kind
         self._head, self._kind, self._body = bytearray(), None, None
         if body is None or self._usage is not None:

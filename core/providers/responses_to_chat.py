@@ -43,10 +43,9 @@ from typing import Any
 import orjson
 from llm_gateway.domain import Usage
 from llm_gateway.errors import GatewayError, InvalidRequest, UpstreamError, clip
-from llm_gateway.providers.base import StreamTranslator, token_count
+from llm_gateway.providers.base import Counter, StreamTranslator, Tally, token_count
 from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE, usage_of
 from llm_gateway.providers.sse import FrameSplitter, data_json, frame_data
-from llm_gateway.tokens import OutputTally
 
 # The accumulated output of one streamed response (the protocol repeats all of it in the final
 # event), bounded like a non-stream body (`GATEWAY_MAX_RESPONSE_BYTES`' default).
@@ -565,7 +564,7 @@ class ChatToResponsesStream:
     `to_chat_request` sets.
     """
 
-    def __init__(self, client_model: str, request: dict[str, Any], encoding: str, *,
+    def __init__(self, client_model: str, request: dict[str, Any], count: Counter | None, *,
                  response_id: str | None = None,
                  max_output_bytes: int = MAX_OUTPUT_BYTES) -> None:
         self._split = FrameSplitter()
@@ -581,7 +580,7 @@ class ChatToResponsesStream:
         self._finish: Any = None
         self._finished = False
         self._usage: Usage | None = None
-        self.generated = OutputTally(encoding)
+        self.generated: Tally = count() if count is not None else NoTally()
         self.error: GatewayError | None = None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -814,10 +813,34 @@ class ChatToResponsesStream:
                               part=_text_part("")))
 
 
+class NoTally:
+    """The tally of a stream whose generated text another translator counts (the second of a
+    `ChainedStream`): counting it twice would cost a counting thread for nothing."""
+
+    def add(self, item: str | bytes) -> None:
+        return None
+
+    def discard(self) -> None:
+        return None
+
+    def full(self) -> bool:
+        return False
+
+    async def room(self) -> None:
+        return None
+
+    async def total(self) -> int:
+        return 0
+
+    def count(self) -> int:
+        return 0
+
+
 class ChainedStream:
     """Two stream translators in a row (upstream -> `first` -> `second` -> client), e.g.
-    `AnthropicStream` (client_wants_usage=True) then `ChatToResponsesStream`. Usage and the
-    tally come from `first`, which reads the upstream; its error is the more precise one."""
+    `AnthropicStream` (client_wants_usage=True) then `ChatToResponsesStream` (count=None).
+    Usage and the tally come from `first`, which reads the upstream; its error is the more
+    precise one."""
 
     def __init__(self, first: StreamTranslator, second: ChatToResponsesStream) -> None:
         self.first = first
@@ -827,6 +850,10 @@ class ChainedStream:
     @property
     def error(self) -> GatewayError | None:
         return self.first.error or self.second.error
+
+    @error.setter
+    def error(self, value: GatewayError | None) -> None:
+        self.first.error = value
 
     def feed(self, chunk: bytes) -> bytes:
         middle = self.first.feed(chunk)

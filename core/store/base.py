@@ -1,4 +1,5 @@
-"""The store interface: tenants, hashed keys, routes and the usage ledger.
+"""The store interface: tenants, hashed keys, routes, the usage ledger, and who owns each
+response relayed from an upstream that keeps responses.
 
 Two implementations sit behind it: the embedded one (SQLite under GATEWAY_DATA_DIR, shared by all
 worker processes of one gateway) and the distributed one (DynamoDB). The request path never
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llm_gateway.domain import ApiKey, Route, Tenant
+from llm_gateway.domain import ApiKey, ResponseOwner, Route, Tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +81,13 @@ class Store(Protocol):
         limit: int,
         cursor: str | None,
     ) -> UsagePage: ...
+
+    async def put_response_owner(self, owner: ResponseOwner) -> None:
+        """Create or replace. Not an admin write: it never moves `generation`."""
+        ...
+
+    async def get_response_owner(self, response_id: str) -> ResponseOwner | None:
+        """The owner, unless there is none or it has expired."""
+        ...
+
+    async def delete_response_owner(self, response_id: str) -> None: ...

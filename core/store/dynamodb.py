@@ -21,7 +21,7 @@ import aioboto3
 import orjson
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
-from llm_gateway.domain import ApiKey, Route, Tenant
+from llm_gateway.domain import ApiKey, ResponseOwner, Route, Tenant
 from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
 from llm_gateway.ledger import RecordRejected, check_record
 from llm_gateway.settings import Settings
@@ -39,9 +39,12 @@ from llm_gateway.store.dynamodb_tables import (
     KEY_SK_PREFIX,
     KEYHASH_PK_PREFIX,
     KEYHASH_SK,
+    RESPONSE_PK_PREFIX,
+    RESPONSE_SK,
     ROUTES_PK,
     TENANT_PK_PREFIX,
     TENANTS_PK,
+    TTL_ATTRIBUTE,
     Tables,
     main_table_spec,
     time_bound,
@@ -406,6 +409,31 @@ class DynamoDBStore:
             records=[_body(i) for i in page],
             next_cursor=_encode_cursor(page[-1]["sk"]["S"]) if more and page else None,
         )
+
+
+    # Not admin writes: they leave `_local_writes` (the cache generation) alone.
+    async def put_response_owner(self, owner: ResponseOwner) -> None:
+        body = {"tenant_id": owner.tenant_id, "route": owner.route, "target": owner.target}
+        item = _item(RESPONSE_PK_PREFIX + owner.response_id, RESPONSE_SK, body,
+                     **{TTL_ATTRIBUTE: _n(int(owner.expires_at))})
+        async with self._calls():
+            await self._c.put_item(TableName=self.tables.main, Item=item)
+
+    async def get_response_owner(self, response_id: str) -> ResponseOwner | None:
+        item = await self._get(RESPONSE_PK_PREFIX + response_id, RESPONSE_SK)
+        if item is None:
+            return None
+        expires_at = float(item[TTL_ATTRIBUTE]["N"])
+        if expires_at <= time.time():  # DynamoDB's TTL deletes expired items late, if at all
+            return None
+        body = _body(item)
+        return ResponseOwner(response_id, body["tenant_id"], body["route"], body["target"],
+                             expires_at)
+
+    async def delete_response_owner(self, response_id: str) -> None:
+        async with self._calls():
+            await self._c.delete_item(TableName=self.tables.main, Key={
+                "pk": _s(RESPONSE_PK_PREFIX + response_id), "sk": _s(RESPONSE_SK)})
 
 
 def _usage_item(r: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,9 @@ Two tables, both on-demand (PAY_PER_REQUEST), no GSI:
         pk = "TENANT#<tenant_id>" sk = "KEY#<key_id>"  a tenant's key (body JSON, key_hash)
         pk = "KEYHASH#<sha256>"   sk = "KEYHASH"      key lookup by hash (body JSON of the key)
         pk = "ROUTES"             sk = <model name>   a model route (body JSON)
+        pk = "RESPONSE#<id>"      sk = "RESPONSE"     who owns a relayed response (body JSON:
+                                                       tenant_id, route, target; expires_at N,
+                                                       the attribute to enable DynamoDB's TTL on)
 
     usage table DYNAMODB_USAGE_TABLE_NAME, default <main>_Usage   tenant_id (S, HASH), sk (S, RANGE)
         sk = "<started_at as %017.6f>#<request_id>"   one usage record (body JSON, model,
@@ -33,6 +36,10 @@ TENANT_PK_PREFIX = "TENANT#"
 KEY_SK_PREFIX = "KEY#"
 KEYHASH_PK_PREFIX = "KEYHASH#"
 KEYHASH_SK = "KEYHASH"
+RESPONSE_PK_PREFIX = "RESPONSE#"
+RESPONSE_SK = "RESPONSE"
+# The attribute DynamoDB's TTL may be enabled on (epoch seconds); reads check the expiry anyway.
+TTL_ATTRIBUTE = "expires_at"
 
 # DynamoDB caps BatchWriteItem at 25 items (moto does not enforce it; we do).
 BATCH_WRITE_MAX = 25

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from llm_gateway.domain import ApiKey, Route, Tenant
+from llm_gateway.domain import ApiKey, ResponseOwner, Route, Tenant
 from llm_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, clip
 from llm_gateway.ledger import RecordRejected, check_record
 from llm_gateway.settings import make_private, make_private_dir
@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS ledger.usage (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger.usage_by_tenant_time ON usage (tenant_id, started_at, request_id);
+CREATE TABLE IF NOT EXISTS ledger.response_owners (
+    response_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    route TEXT NOT NULL,
+    target TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger.response_owners_by_expiry ON response_owners (expires_at);
 """
 
 
@@ -319,6 +327,33 @@ class EmbeddedStore:
             records=[orjson.loads(r[0]) for r in rows],
             next_cursor=next_cursor,
         )
+
+
+    # Response owners live in the ledger's database: their writes, one per relayed response, must
+    # not move the main database's data_version (the workers' cache generation).
+    async def put_response_owner(self, owner: ResponseOwner) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("INSERT OR REPLACE INTO ledger.response_owners VALUES (?, ?, ?, ?, ?)",
+                      (owner.response_id, owner.tenant_id, owner.route, owner.target,
+                       owner.expires_at))
+            # Expired owners go as new ones come: a bounded delete through the expiry index.
+            c.execute("DELETE FROM ledger.response_owners WHERE rowid IN (SELECT rowid FROM"
+                      " ledger.response_owners WHERE expires_at < ? LIMIT 16)", (time.time(),))
+
+        await self._write(tx)
+
+    async def get_response_owner(self, response_id: str) -> ResponseOwner | None:
+        row = self._r.execute(
+            "SELECT response_id, tenant_id, route, target, expires_at FROM"
+            " ledger.response_owners WHERE response_id = ? AND expires_at > ?",
+            (response_id, time.time())).fetchone()
+        return ResponseOwner(*row) if row else None
+
+    async def delete_response_owner(self, response_id: str) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM ledger.response_owners WHERE response_id = ?", (response_id,))
+
+        await self._write(tx)
 
 
 def _usage_row(r: dict[str, Any]) -> tuple[Any, ...]:

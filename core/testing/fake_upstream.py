@@ -7,7 +7,9 @@ One aiohttp server speaks both wire formats on one port:
     POST /v1/messages           Anthropic Messages (x-api-key or Bearer key, and
                                 anthropic-version, required)
     POST /v1/responses          OpenAI Responses (stream with event: lines, function calls,
-                                usage with cached and reasoning details)
+                                usage with cached and reasoning details); kept unless
+                                `store` is false (the last 1000)
+    GET|DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel   a kept response
     POST /v1/embeddings         OpenAI Embeddings: one deterministic 8-dimension vector per
                                 input, `encoding_format` float or base64; prompt_tokens = the
                                 words of string inputs, the ids of token inputs
@@ -113,6 +115,13 @@ class State:
     faults: deque[Fault] = dataclasses.field(default_factory=deque)
     requests: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stored: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def keep(self, body: dict[str, Any], response: dict[str, Any]) -> None:
+        if body.get("store") is not False:
+            self.stored[response["id"]] = response
+            while len(self.stored) > 1000:
+                del self.stored[next(iter(self.stored))]
 
 
 STATE = web.AppKey("state", State)
@@ -455,7 +464,8 @@ def _responses_object(reply: Reply, body: dict[str, Any], done: bool) -> dict[st
             "metadata": body.get("metadata") or {}}
 
 
-async def _responses_stream(out: SseWriter, reply: Reply, body: dict[str, Any]) -> None:
+async def _responses_stream(out: SseWriter, reply: Reply,
+                            body: dict[str, Any]) -> dict[str, Any]:
     seq = iter(range(1 << 30))
     response = _responses_object(reply, body, done=False)
 
@@ -488,6 +498,7 @@ async def _responses_stream(out: SseWriter, reply: Reply, body: dict[str, Any]) 
     final = {**_responses_object(reply, body, done=True), "id": response["id"],
              "output": [done]}
     await send(f"response.{final['status']}", response=final)
+    return final
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -514,8 +525,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
             if out.drop_after is not None and request.transport is not None:
                 request.transport.abort()
                 return web.Response()
-            return web.json_response(_responses_object(reply, body, done=True))
-        await _responses_stream(out, reply, body)
+            response = _responses_object(reply, body, done=True)
+            state.keep(body, response)
+            return web.json_response(response)
+        state.keep(body, await _responses_stream(out, reply, body))
         await out.response.write_eof()
         return out.response
     except _Dropped:
@@ -566,6 +579,23 @@ async def count_tokens(request: web.Request) -> web.Response:
         return anthropic_error(400, "model and messages are required")
     reply = plan_reply(body, request.app[STATE].config)
     return web.json_response({"input_tokens": reply.prompt_tokens})
+
+
+async def stored_response(request: web.Request) -> web.Response:
+    """GET, DELETE or cancel (POST) a kept response."""
+    await _record(request)
+    stored = request.app[STATE].stored
+    response_id = request.match_info["response_id"]
+    response = stored.get(response_id)
+    if response is None:
+        return openai_error(404, f"Response with id '{response_id}' not found.")
+    if request.method == "DELETE":
+        del stored[response_id]
+        return web.json_response({"id": response_id, "object": "response.deleted",
+                                  "deleted": True})
+    if request.method == "POST":
+        response = stored[response_id] = {**response, "status": "cancelled"}
+    return web.json_response(response)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -629,6 +659,9 @@ def build_app(config: FakeConfig) -> web.Application:
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_get("/v1/responses/{response_id}", stored_response)
+    app.router.add_delete("/v1/responses/{response_id}", stored_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", stored_response)
     app.router.add_post("/_control/faults", control_faults)
     app.router.add_get("/_control/config", control_config)
     app.router.add_post("/_control/config", control_config)
