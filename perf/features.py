@@ -29,17 +29,16 @@ LEDGER = "usage ledger"
 LOG = "request log line"
 OBS = "observability glue"
 RELAY = "relay / translation"
-PARSING = "request parsing"
+PARSING = "request body read + parse"  # Granian's ASGI receive runs under the reading frame
 UPSTREAM = "upstream client (aiohttp)"
 GLUE = "gateway: request path, routing, retries"
 OTHER_GW = "gateway: other"
-BARE = "bare proxy handler"
 FRAMEWORK = "framework (Granian, BlackSheep, asyncio)"
 OTHER = "other"
 
 # The order of the report's rows: features first, then the stack every proxy pays for.
 ORDER = (AUTH, LIMITER, TOKENS, METRICS, TRACING, LEDGER, LOG, OBS, RELAY, PARSING, GLUE,
-         OTHER_GW, BARE, UPSTREAM, FRAMEWORK, OTHER)
+         OTHER_GW, UPSTREAM, FRAMEWORK, OTHER)
 FEATURES = (AUTH, LIMITER, TOKENS, METRICS, TRACING, LEDGER, LOG, OBS)
 
 # Gateway modules by path relative to the package directory; a directory prefix ends in "/".
@@ -117,8 +116,8 @@ def classify(path: str, package_dirs: tuple[str, ...]) -> str | None:
             return next((feature for key, feature in GATEWAY.items()
                          if (rel.startswith(key) if key.endswith("/") else rel == key)),
                         OTHER_GW)
-    if path.endswith("bare_proxy.py"):
-        return BARE
+    if path.endswith("bare_proxy.py"):  # its relay() is the relay; the rest reads and parses
+        return PARSING
     return PACKAGES.get(_top_module(path), OTHER)
 
 
@@ -155,6 +154,9 @@ def attribute(raw: str, package_dirs: tuple[str, ...]) -> Profile:
             feature = classify(m["file"], package_dirs)
             if feature is not None:
                 at = m
+                if feature == PARSING and m["func"] == "relay" and m["file"].endswith(
+                        "bare_proxy.py"):
+                    feature = RELAY
                 break
         if feature is None:  # standard library only: the event loop, or something rare
             loop = any(_top_module(m["file"]) in ("asyncio", "selectors") for m in frames)

@@ -61,6 +61,12 @@ def test_loop_only_stack_is_framework_and_unknown_module_is_listed() -> None:
     assert prof.top_functions(1)[f.FRAMEWORK] == {"_run_once (asyncio/base_events.py)": 4}
 
 
+def test_bare_proxy_splits_into_parsing_and_relay() -> None:
+    raw = "\n".join([stack("chat_completions (/repo/perf/bare_proxy.py:50)", count=2),
+                     stack("relay (/repo/perf/bare_proxy.py:60)", count=3)])
+    assert f.attribute(raw, DIRS).samples == {f.PARSING: 2, f.RELAY: 3}
+
+
 def test_paths_map_by_suffix_under_the_package_dirs() -> None:
     assert f.classify("/repo/core/providers/openai.py", DIRS) == f.RELAY
     assert f.classify("/repo/core/limits/redis.py", DIRS) == f.LIMITER
@@ -69,7 +75,7 @@ def test_paths_map_by_suffix_under_the_package_dirs() -> None:
     assert f.classify(f"{SITE}/opentelemetry/sdk/trace/__init__.py", DIRS) == f.TRACING
     assert f.classify(f"{STD}/multiprocessing/queues.py", DIRS) == f.LEDGER
     assert f.classify(f"{STD}/asyncio/events.py", DIRS) is None
-    assert f.classify("/repo/perf/bare_proxy.py", DIRS) == f.BARE
+    assert f.classify("/repo/perf/bare_proxy.py", DIRS) == f.PARSING
     # an installed (not editable) gateway
     site = (f"{SITE}/llm_gateway/",)
     assert f.classify(f"{SITE}/llm_gateway/tokens.py", site) == f.TOKENS
