@@ -3,6 +3,8 @@
 // they finish inside the measured window; errors, 429s (apart from errors) and stalls count for
 // every request, however late. Parameters come from the environment:
 //   BASE (…/v1), KEY, MODEL, STREAM (fraction 0..1 of requests that stream), VUS, DURATION (s),
+//   BASE_STREAM and MODEL_STREAM (where and as which model streams go; default BASE, MODEL),
+//   LAST_WORD (the reply's last word: a success holds it),
 //   WARMUP (s), RATE (req/s: open model instead of VUS loops), MIN_EVENTS (SSE data events a
 //   complete stream has), STALL_MS (a stream slower than this is a stall), KEY2 + RATE2 (the
 //   limited tenant), GRACE (s a started request may still finish after the end), SUMMARY (path
@@ -20,6 +22,7 @@ const STREAM = parseFloat(E.STREAM || '0');
 const MIN_EVENTS = parseInt(E.MIN_EVENTS || '1');
 const STALL_MS = parseFloat(E.STALL_MS || '0');
 const GRACE = `${parseFloat(E.GRACE || '30')}s`;
+const LAST_WORD = E.LAST_WORD || '';
 
 const ok = new Counter('ok');
 const okStream = new Counter('ok_stream');
@@ -61,12 +64,14 @@ export const options = {
 const PROMPT = 'hello '.repeat(20).trim();
 
 function body(stream) {
-  return JSON.stringify({ model: E.MODEL, stream, max_tokens: 64,
+  const model = stream ? (E.MODEL_STREAM || E.MODEL) : E.MODEL;
+  return JSON.stringify({ model, stream, max_tokens: 64,
                           messages: [{ role: 'user', content: PROMPT }] });
 }
 
 const BODIES = { true: body(true), false: body(false) };
-const URL = `${E.BASE}/chat/completions`;
+const URLS = { true: `${E.BASE_STREAM || E.BASE}/chat/completions`,
+               false: `${E.BASE}/chat/completions` };
 
 function params(key) {
   return { headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
@@ -82,18 +87,19 @@ export function setup() {
 
 function complete(res, stream) {
   if (res.status !== 200 || typeof res.body !== 'string') return false;
+  if (LAST_WORD && res.body.indexOf(LAST_WORD) < 0) return false;
   if (!stream) return res.body.indexOf('"choices"') >= 0;
   return res.body.endsWith('data: [DONE]\n\n') && res.body.split('data:').length - 1 >= MIN_EVENTS;
 }
 
 export function warm() {
   const stream = STREAM > 0 && Math.random() < STREAM;
-  http.post(URL, BODIES[stream], PARAMS);
+  http.post(URLS[stream], BODIES[stream], PARAMS);
 }
 
 export function measured(data) {
   const stream = STREAM > 0 && (STREAM >= 1 || Math.random() < STREAM);
-  const res = http.post(URL, BODIES[stream], PARAMS);
+  const res = http.post(URLS[stream], BODIES[stream], PARAMS);
   if (res.status === 429) {
     limited.add(1);
   } else if (!complete(res, stream)) {
@@ -109,7 +115,7 @@ export function measured(data) {
 }
 
 export function limitedTenant(data) {
-  const res = http.post(URL, BODIES.false, PARAMS2);
+  const res = http.post(URLS.false, BODIES.false, PARAMS2);
   if (res.status === 429) limited.add(1);
   else if (!complete(res, false)) errors.add(1);
   else if (Date.now() <= data.deadline) okSmall.add(1);
