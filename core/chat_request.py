@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import orjson
-from blacksheep import Content, Request, Response
+from blacksheep import Request, Response
 from llm_gateway.errors import (
     CLIENT_TEXT_MAX,
     GatewayError,
@@ -18,7 +18,7 @@ from llm_gateway.errors import (
     RequestTimeout,
     error_body,
 )
-from llm_gateway.ingress import Ask
+from llm_gateway.ingress import Ask, openai_error_response
 from llm_gateway.tokens import count_prompt
 
 _ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
@@ -216,8 +216,7 @@ class ChatIngress:
         return await count_prompt(ask.body, encoding, len(ask.raw))
 
     def error_response(self, exc: GatewayError) -> Response:
-        headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-        return Response(exc.status, headers, Content(b"application/json", exc.body()))
+        return openai_error_response(exc)
 
     def stream_error(self, exc: GatewayError) -> bytes:
         # The SDKs raise an APIError for a `data: {"error": ...}` event.

@@ -13,7 +13,7 @@ from typing import Any
 from blacksheep import Response
 from llm_gateway.chat_request import CHAT, MAX_MODEL_CHARS, parse_json_object
 from llm_gateway.errors import GatewayError, InvalidRequest
-from llm_gateway.ingress import Ask
+from llm_gateway.ingress import Ask, openai_error_response
 from llm_gateway.tokens import INLINE_BYTES, count_text_tokens, in_thread
 
 # OpenAI's own bound on an embeddings request: 2048 inputs.
@@ -93,7 +93,7 @@ class EmbeddingsIngress:
         return await in_thread(input_tokens, value, encoding)
 
     def error_response(self, exc: GatewayError) -> Response:
-        return CHAT.error_response(exc)
+        return openai_error_response(exc)
 
     def stream_error(self, exc: GatewayError) -> bytes:
         return CHAT.stream_error(exc)  # never used: an embeddings reply does not stream

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from blacksheep import Response
+from blacksheep import Content, Response
 from llm_gateway.errors import GatewayError
 
 
@@ -60,3 +60,10 @@ class Ingress(Protocol):
     # Optional: `async def check_access(svc, tenant, route, ask) -> None`, run once the route is
     # allowed, for requests that name the tenant's earlier ones (Responses'
     # `previous_response_id`): raises the error the client gets.
+
+
+def openai_error_response(exc: GatewayError) -> Response:
+    """An error in OpenAI's JSON shape with its headers (`Retry-After`, the rate-limit ones):
+    what every OpenAI-protocol ingress answers."""
+    headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    return Response(exc.status, headers, Content(b"application/json", exc.body()))

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from blacksheep import Content, Response
+from blacksheep import Response
 from llm_gateway.chat_request import MAX_MODEL_CHARS, parse_json_object
 from llm_gateway.domain import Route, Tenant
 from llm_gateway.errors import GatewayError, InvalidRequest
-from llm_gateway.ingress import Ask
+from llm_gateway.ingress import Ask, openai_error_response
 from llm_gateway.providers.responses_to_chat import prompt_view
 from llm_gateway.stored_responses import check_previous
 from llm_gateway.tokens import count_prompt
@@ -73,8 +73,7 @@ class ResponsesIngress:
         await check_previous(svc, tenant, route, ask.body.get("previous_response_id"))
 
     def error_response(self, exc: GatewayError) -> Response:
-        headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-        return Response(exc.status, headers, Content(b"application/json", exc.body()))
+        return openai_error_response(exc)
 
     def stream_error(self, exc: GatewayError) -> bytes:
         """The Responses `error` event (the SDK raises it as an APIError). Its translators end
