@@ -144,6 +144,25 @@ def fresh_upstream(upstream: FakeUpstream) -> FakeUpstream:
     return upstream
 
 
+_sdk_clients: list[Any] = []
+
+
+def sdk_client(cls: Any, **options: Any) -> Any:
+    """An official SDK client (`openai.OpenAI`, `anthropic.Anthropic`, ...) closed when the test
+    ends: one left to the garbage collector may warn of its unclosed socket at any later moment,
+    and warnings are errors."""
+    client = cls(**options)
+    _sdk_clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while _sdk_clients:
+        _sdk_clients.pop().close()
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.urandom(4).hex()}"
 

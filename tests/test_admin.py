@@ -5,11 +5,11 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 
 
 def _client(gateway: Gateway, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+    return sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key, max_retries=0)
 
 
 def _route(gateway: Gateway, upstream: FakeUpstream) -> str:

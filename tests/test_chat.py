@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def tenant_key(gateway: Gateway, upstream: FakeUpstream) -> tuple[str, str]:
 def test_non_stream_completion(gateway: Gateway, fresh_upstream: FakeUpstream,
                                tenant_key: tuple[str, str]) -> None:
     key, model = tenant_key
-    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+    client = sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "hello there"}], max_tokens=5,
         extra_body={"unknown_field": {"kept": True}},

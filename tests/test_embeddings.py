@@ -18,7 +18,7 @@ from llm_gateway.testing.fake_upstream import EMBEDDING_DIMENSIONS, fake_embeddi
 from llm_gateway.tokens import count_text_tokens
 from openai.types import CreateEmbeddingResponse
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 from tests.test_messages import records
 from tests.test_metrics import samples, value
 
@@ -37,7 +37,7 @@ def _route(gateway: Gateway, upstream: FakeUpstream, provider: str = "openai") -
 def _client(gateway: Gateway, **limits: Any) -> tuple[openai.OpenAI, str]:
     tenant = unique("t")
     key = gateway.create_tenant(tenant, **limits)["api_key"]
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0), tenant
+    return sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key, max_retries=0), tenant
 
 
 @pytest.mark.parametrize("provider", ["openai", "self-hosted"])

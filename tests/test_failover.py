@@ -17,6 +17,7 @@ from tests.conftest import (
     Gateway,
     fake_upstream_process,
     gateway_process,
+    sdk_client,
     unique,
 )
 from tests.procs import free_port
@@ -40,8 +41,8 @@ def pair(gateway: Gateway, primary: FakeUpstream, fresh_upstream: FakeUpstream
                       {"provider": "openai", "base_url": fresh_upstream.openai_base,
                        "model": "backup"})
     key = gateway.create_tenant(unique("t"))["api_key"]
-    return (openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0), model,
-            primary, fresh_upstream)
+    client = sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key, max_retries=0)
+    return client, model, primary, fresh_upstream
 
 
 def _models(fake: FakeUpstream) -> list[str]:

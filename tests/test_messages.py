@@ -23,7 +23,7 @@ from llm_gateway.messages_request import count_message_tokens
 from llm_gateway.tokens import count_text_tokens, encoding_name_for
 from pydantic import TypeAdapter
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 from tests.test_metrics import samples, value
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -61,7 +61,7 @@ def _setup(gateway: Gateway, upstream: FakeUpstream, provider: str,
                       input_price_per_mtok=3.0, output_price_per_mtok=15.0)
     tenant = unique("t")
     key = gateway.create_tenant(tenant, **limits)["api_key"]
-    client = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0)
+    client = sdk_client(anthropic.Anthropic, base_url=gateway.url, api_key=key, max_retries=0)
     return Setup(client, key, tenant, model, gateway, upstream)
 
 
@@ -373,8 +373,8 @@ def test_count_tokens_on_both_kinds_of_route(claude: Setup, gateway: Gateway) ->
     with pytest.raises(anthropic.NotFoundError):
         gpt.client.messages.count_tokens(model="no-such-model", messages=msgs)
     with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=gateway.url, api_key="sk-wrong").messages.count_tokens(
-            model=gpt.model, messages=msgs)
+        wrong = sdk_client(anthropic.Anthropic, base_url=gateway.url, api_key="sk-wrong")
+        wrong.messages.count_tokens(model=gpt.model, messages=msgs)
 
 
 # -- the request path's rules --------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_count_tokens_on_both_kinds_of_route(claude: Setup, gateway: Gateway) ->
 def test_auth_and_routing_errors_in_anthropic_shape(gateway: Gateway,
                                                     fresh_upstream: FakeUpstream) -> None:
     s = _setup(gateway, fresh_upstream, "openai")
-    bearer = anthropic.Anthropic(base_url=gateway.url, auth_token=s.key, max_retries=0)
+    bearer = sdk_client(anthropic.Anthropic, base_url=gateway.url, auth_token=s.key, max_retries=0)
     r = bearer.messages.create(model=s.model, max_tokens=1,
                                messages=[{"role": "user", "content": "hi"}])
     strict_message(r.model_dump())
@@ -393,7 +393,8 @@ def test_auth_and_routing_errors_in_anthropic_shape(gateway: Gateway,
         (anthropic.BadRequestError, {"model": s.model, "max_tokens": 0}, None),
     ]
     for error, fields, key in cases:
-        client = anthropic.Anthropic(base_url=gateway.url, api_key=key or s.key, max_retries=0)
+        client = sdk_client(anthropic.Anthropic, base_url=gateway.url, api_key=key or s.key,
+                            max_retries=0)
         with pytest.raises(error) as info:
             client.messages.create(**{"max_tokens": 1, "messages": [  # type: ignore[call-overload]
                 {"role": "user", "content": "hi"}], **fields})
@@ -404,7 +405,8 @@ def test_auth_and_routing_errors_in_anthropic_shape(gateway: Gateway,
                               "model": "up"})
     limited = gateway.create_tenant(unique("t"), allowed_models=[s.model])["api_key"]
     with pytest.raises(anthropic.PermissionDeniedError):
-        anthropic.Anthropic(base_url=gateway.url, api_key=limited, max_retries=0).messages.create(
+        sdk_client(anthropic.Anthropic, base_url=gateway.url, api_key=limited,
+                   max_retries=0).messages.create(
             model=other, max_tokens=1, messages=[{"role": "user", "content": "hi"}])
 
 

@@ -11,7 +11,7 @@ import pytest
 from llm_gateway.providers.openai import OpenAIStream
 from llm_gateway.tokens import OutputTally
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def claude(gateway: Gateway, fresh_upstream: FakeUpstream) -> tuple[openai.OpenA
     gateway.put_model(model, {"provider": "anthropic", "base_url": fresh_upstream.url,
                               "model": "fake-claude", "api_key": "sk-ant-upstream"})
     key = gateway.create_tenant(unique("t"))["api_key"]
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0), model
+    return sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key, max_retries=0), model
 
 
 def test_anthropic_non_stream(claude: tuple[openai.OpenAI, str],

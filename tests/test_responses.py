@@ -18,7 +18,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 from tests.test_metrics import scrape, value
 from tests.test_usage import wait_for
 
@@ -43,7 +43,8 @@ def setup(gateway: Gateway, upstream: FakeUpstream, provider: str,
     gateway.put_model(model, target(provider, upstream))
     tenant_id = unique("t")
     key = gateway.create_tenant(tenant_id, **tenant)["api_key"]
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0), model, tenant_id
+    client = sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key, max_retries=0)
+    return client, model, tenant_id
 
 
 def create(client: openai.OpenAI, **params: Any) -> Response:
@@ -353,7 +354,7 @@ def test_failover_before_the_first_byte(gateway: Gateway, fresh_upstream: FakeUp
     model = unique("fo")
     dead = {"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gone"}
     gateway.put_model(model, dead, target("anthropic", fresh_upstream))
-    client = openai.OpenAI(base_url=gateway.base_url, max_retries=0,
+    client = sdk_client(openai.OpenAI, base_url=gateway.base_url, max_retries=0,
                            api_key=gateway.create_tenant(unique("t"))["api_key"])
     with client.responses.stream(model=model, input="hi") as stream:
         final = stream.get_final_response()

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from anthropic.types.shared import ErrorResponse
 
-from tests.conftest import FakeUpstream, Gateway, unique
+from tests.conftest import FakeUpstream, Gateway, sdk_client, unique
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -43,13 +43,13 @@ def _no_sdk_headers(upstream: FakeUpstream) -> None:
 def test_organization_project_and_stainless_headers_stay_here(
         gateway: Gateway, fresh_upstream: FakeUpstream, routes: tuple[str, str, str]) -> None:
     gpt, claude, key = routes
-    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, organization="org-secret",
-                           project="proj-secret", max_retries=0)
+    client = sdk_client(openai.OpenAI, base_url=gateway.base_url, api_key=key,
+                        organization="org-secret", project="proj-secret", max_retries=0)
     client.chat.completions.create(model=gpt, **CHAT)  # type: ignore[arg-type]
     client.chat.completions.create(model=claude, **CHAT)  # type: ignore[arg-type]
     client.embeddings.create(model=gpt, input="hi")
-    ant = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0,
-                              default_headers={"OpenAI-Organization": "org-secret"})
+    ant = sdk_client(anthropic.Anthropic, base_url=gateway.url, api_key=key, max_retries=0,
+                     default_headers={"OpenAI-Organization": "org-secret"})
     ant.messages.create(model=claude, **MESSAGES)  # type: ignore[arg-type]
     ant.messages.create(model=gpt, **MESSAGES)  # type: ignore[arg-type]
     paths = [r["path"] for r in fresh_upstream.requests()]
