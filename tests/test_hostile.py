@@ -105,6 +105,7 @@ from tests.conftest import Gateway, gateway_env, gateway_process, redis_process,
 from tests.hostile_upstream import hostile_upstream, huge_completion, openai_completion
 from tests.test_hostile_counting import (
     STALL_BOUND_S,
+    body,
     chat,
     model_on,
     records,
@@ -170,10 +171,10 @@ def test_item2_huge_one_word_prompt_stalls_no_other_tenant(tmp_path: Path) -> No
         model = model_on(gw, up.openai_base)
         other = (tenant(gw)[1], model)
         tid, key = tenant(gw, tpm_limit=100_000_000)
-        prompt = [{"role": "user", "content": "a" * (9 * MIB)}]
+        huge = body(model, [{"role": "user", "content": "a" * (9 * MIB)}])
         status: list[int] = []
         worst = worst_latency_while(
-            gw, lambda: status.append(chat(gw, key, model, prompt).status_code),
+            gw, lambda: status.append(chat(gw, key, model, huge).status_code),
             lambda: bool(records(gw, tid)), other)
     assert status == [200]
     assert worst < STALL_BOUND_S, f"the worker stalled others for {worst * 1000:.0f} ms more"

@@ -81,11 +81,20 @@ def wait_record(gw: Gateway, tid: str, deadline_s: float = 60) -> dict[str, Any]
         time.sleep(0.05)  # poll interval while the writer drains
 
 
-def chat(gw: Gateway, key: str, model: str, messages: list[dict[str, Any]] = SMALL,
+def chat(gw: Gateway, key: str, model: str, messages: list[dict[str, Any]] | bytes = SMALL,
          **extra: Any) -> httpx.Response:
-    return httpx.post(f"{gw.base_url}/chat/completions", timeout=60,
-                      headers={"authorization": f"Bearer {key}"},
-                      json={"model": model, "messages": messages, **extra})
+    """A chat request; `messages` may be the whole body already encoded (`body`)."""
+    content = messages if isinstance(messages, bytes) else body(model, messages, **extra)
+    return httpx.post(f"{gw.base_url}/chat/completions", timeout=60, content=content,
+                      headers={"authorization": f"Bearer {key}",
+                               "content-type": "application/json"})
+
+
+def body(model: str, messages: list[dict[str, Any]], **extra: Any) -> bytes:
+    """A chat body, encoded. An attack's 9 MiB body is encoded before the probes start: encoding
+    it in the test process during them would hold this process's GIL, and delay the probes, not
+    the gateway."""
+    return orjson.dumps({"model": model, "messages": messages, **extra})
 
 
 def worst_latency_while(gw: Gateway, attack: Callable[[], None], done: Callable[[], bool],
@@ -156,9 +165,9 @@ def test_huge_one_word_prompt_does_not_stall_the_worker(gw: Gateway, up: Hostile
     model = model_on(gw, up.openai_base)
     other = (tenant(gw)[1], model)
     tid, key = tenant(gw, tpm_limit=100_000_000)
-    prompt = [{"role": "user", "content": "a" * (9 * 2**20)}]
+    huge = body(model, [{"role": "user", "content": "a" * (9 * 2**20)}])
     status: list[int] = []
-    worst = worst_latency_while(gw, lambda: status.append(chat(gw, key, model, prompt)
+    worst = worst_latency_while(gw, lambda: status.append(chat(gw, key, model, huge)
                                                           .status_code),
                                 lambda: bool(records(gw, tid)), other)
     assert status == [200]
@@ -212,12 +221,12 @@ def test_dropped_stream_with_huge_prompt_does_not_stall_the_worker(gw: Gateway,
     model = model_on(gw, f"{up.url}/big/v1")
     other = (tenant(gw)[1], model_on(gw, up.openai_base))
     tid, key = tenant(gw)  # no token limit: the prompt is counted only at the end
-    prompt = [{"role": "user", "content": "a" * (9 * 2**20)}]
+    huge = body(model, [{"role": "user", "content": "a" * (9 * 2**20)}], stream=True)
 
     def attack() -> None:
-        with httpx.stream("POST", f"{gw.base_url}/chat/completions", timeout=60,
-                          headers={"authorization": f"Bearer {key}"},
-                          json={"model": model, "messages": prompt, "stream": True}) as r:
+        with httpx.stream("POST", f"{gw.base_url}/chat/completions", timeout=60, content=huge,
+                          headers={"authorization": f"Bearer {key}",
+                                   "content-type": "application/json"}) as r:
             next(r.iter_bytes())  # the stream has begun; the client leaves
 
     worst = worst_latency_while(gw, attack, lambda: bool(records(gw, tid)), other)
