@@ -3,13 +3,13 @@ errors in OpenAI's JSON. `read_body` and `parse_json_object` serve every ingress
 
 from __future__ import annotations
 
-import asyncio
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import orjson
 from blacksheep import Request, Response
+from llm_gateway.deadline import deadline
 from llm_gateway.errors import (
     CLIENT_TEXT_MAX,
     GatewayError,
@@ -32,7 +32,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     408 when it has not arrived whole within `timeout_s` (a stalled client holds a worker's
     request slot, its buffers and its tenant's concurrency only that long)."""
     try:
-        async with asyncio.timeout(timeout_s):
+        with deadline(timeout_s):
             raw = await _read_body(request, max_bytes)
     except TimeoutError:
         raise RequestTimeout(

@@ -21,6 +21,9 @@ import contextlib
 import logging
 import math
 import os
+import pickle
+import select
+import struct
 import time
 from pathlib import Path
 from typing import Any, TypedDict
@@ -225,8 +228,11 @@ def _orphaned(tmp: Path) -> bool:
 
 
 # Records emitted within this long of each other go on the queue as one list: one pickle and
-# one wake-up of the queue's feeder thread per batch instead of per request.
+# one pipe write per batch instead of per request.
 GATHER_S = 0.002
+# A pipe write of at most this many bytes is atomic: whole, or (non-blocking) not at all.
+_ATOMIC = select.PIPE_BUF
+_HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame: big-endian length
 
 
 class QueueSink:
@@ -236,7 +242,15 @@ class QueueSink:
     gathering; a worker killed outright loses at most the last `GATHER_S` of records. When the
     queue is too deep the records spill to the spool; if the spool cannot take them they go on
     the queue after all (it is unbounded), and if that fails too they wait here for the next
-    flush."""
+    flush.
+
+    A batch goes straight into the queue's pipe from the event loop (`_DirectPipe`), in frames
+    the pipe takes whole or not at all, so the worker needs no feeder thread (the thread, its
+    wake-ups and its contention for the GIL cost more CPU than the records themselves). Only a
+    frame the pipe cannot take at once (the writer is behind, another worker is writing, a
+    record over 4 KiB) goes through `Queue.put_nowait` and its feeder thread, as before; once
+    the feeder thread has started, this worker's later batches follow it there too (the queue
+    keeps a process's items in order)."""
 
     def __init__(self, queue: Any, spool: Spool, max_depth: int) -> None:
         self._queue = queue
@@ -244,6 +258,7 @@ class QueueSink:
         self._max_depth = max_depth
         self._gathering: list[UsageRecord] = []
         self._retry: asyncio.TimerHandle | None = None
+        self._direct = _DirectPipe(queue)
 
     def emit(self, record: UsageRecord) -> None:
         self._gathering.append(record)
@@ -275,6 +290,9 @@ class QueueSink:
             return False
 
     def _put(self, records: list[Any]) -> bool:
+        records = self._direct.send(records)
+        if not records:
+            return True
         try:
             self._queue.put_nowait(records)
         except (OSError, ValueError, AssertionError):
@@ -295,3 +313,82 @@ class QueueSink:
             return int(self._queue.qsize())
         except (OSError, NotImplementedError):
             return 0
+
+
+class _DirectPipe:
+    """Writes lists of records into a `multiprocessing.Queue`'s pipe as `Queue.put` would have
+    (the same frame, under the queue's write lock and its size semaphore, so `get()` and
+    `qsize()` see nothing different), from the calling thread and without ever blocking: each
+    frame is one write of at most PIPE_BUF bytes on a non-blocking descriptor of the pipe's
+    own (opened through /proc, so the other writers' descriptors stay blocking), which the
+    kernel takes whole or refuses. Records it did not write are returned to the caller.
+
+    Disabled (everything returned) where the queue or the platform lacks what this needs."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+        self._fd = -1
+        self._pid = 0
+        writer, self._sem, self._lock = (getattr(queue, name, None)
+                                         for name in ("_writer", "_sem", "_wlock"))
+        self._enabled = writer is not None and self._sem is not None and self._lock is not None
+
+    def send(self, records: list[Any]) -> list[Any]:
+        if getattr(self._queue, "_thread", None) is not None:
+            # This process has put items through the feeder thread, which may still hold some:
+            # writing past them would break the queue's order. From now on it all goes there.
+            return records
+        fd = self._open()
+        if fd < 0:
+            return records
+        try:
+            frame = pickle.dumps(records)
+        except Exception:
+            return records  # Queue.put's feeder thread logs what cannot be pickled
+        if len(frame) + _HEADER.size > _ATOMIC:
+            if len(records) == 1:
+                return records
+            half = len(records) // 2
+            return self.send(records[:half]) + self.send(records[half:])
+        if not self._sem.acquire(False):  # type: ignore[union-attr]
+            return records
+        written = False
+        try:
+            # Held by another writer for one write, unless it is a feeder thread blocked on
+            # a full pipe: then give up after a millisecond.
+            if self._lock.acquire(True, 0.001):  # type: ignore[union-attr]
+                try:
+                    os.write(fd, _HEADER.pack(len(frame)) + frame)
+                    written = True
+                finally:
+                    self._lock.release()  # type: ignore[union-attr]
+        except BlockingIOError:
+            pass  # the pipe is full: the writer is behind
+        except OSError:
+            self._close()
+            self._enabled = False
+        finally:
+            if not written:
+                self._sem.release()  # type: ignore[union-attr]
+        return [] if written else records
+
+    def _open(self) -> int:
+        """This process's non-blocking descriptor of the pipe (a worker forked after the sink
+        was made opens its own)."""
+        if not self._enabled:
+            return -1
+        pid = os.getpid()
+        if self._pid != pid:
+            self._fd, self._pid = -1, pid  # a descriptor inherited from the parent: not ours
+            try:
+                self._fd = os.open(f"/proc/self/fd/{self._queue._writer.fileno()}",
+                                   os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (OSError, AttributeError, ValueError):
+                self._enabled = False
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1

@@ -17,6 +17,7 @@ from llm_gateway import observability as obs
 from llm_gateway.call import Call
 from llm_gateway.errors import RateLimited, ServiceUnavailable
 from llm_gateway.limits import LimiterFault, LimiterUnavailable, rate_limit_headers
+from llm_gateway.limits.base import rate_limit_header_bytes
 from llm_gateway.services import Services
 from llm_gateway.tokens import reservation
 
@@ -64,10 +65,9 @@ async def reserve(svc: Services, call: Call) -> Reservation:
             "Rate limiting is unavailable, so the request was refused.",
             code="rate_limiter_unavailable",
         ) from None
-    headers = rate_limit_headers(decision)
     if decision.allowed:
-        return Reservation(tokens, prompt_tokens,
-                           tuple((k.encode(), v.encode()) for k, v in headers.items()))
+        return Reservation(tokens, prompt_tokens, rate_limit_header_bytes(decision))
+    headers = rate_limit_headers(decision)
     obs.rate_limited(call, decision.denied_by or "tpm")
     if decision.never_fits:
         raise RateLimited(
@@ -93,6 +93,13 @@ def settle(svc: Services, call: Call, reserved: Reservation, used: int) -> None:
     """Give back (or take) the difference between reserved and `used` tokens, off the critical
     path."""
     if reserved.tokens <= 0:
+        return
+    settle_now = getattr(svc.limiter, "settle_now", None)
+    if settle_now is not None:  # a limiter that settles in microseconds: no task for it
+        try:
+            settle_now(call.tenant.tenant_id, call.tenant.tpm_limit, reserved.tokens, used)
+        except LimiterUnavailable as exc:
+            _limiter_down(exc)
         return
     task = asyncio.ensure_future(_settle(svc, call.tenant.tenant_id, call.tenant.tpm_limit,
                                          reserved.tokens, used))

@@ -98,6 +98,7 @@ def start_request(request: Request, request_id: str) -> RequestTrace:
         request.get_first_header(b"traceparent"),
         request.get_first_header(b"tracestate"),
         request_id,
+        _tracing.root if _tracing is not None else None,
     )
 
 

@@ -46,10 +46,66 @@ class Tracing:
             resource = resource.merge(Resource({SERVICE_NAME: "llm-gateway"}))
         self.provider = TracerProvider(resource=resource)
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self.root = RootSampling.of(self.provider)
+        if self.root is not None:
+            self.provider.id_generator = self.root.ids
         self.tracer = self.provider.get_tracer("llm_gateway")
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+def _preset_ids() -> Any:
+    """The SDK's random ids, except a trace id handed over by `RootSampling` just before the
+    span that must carry it is started."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetIds(RandomIdGenerator):
+        preset: int | None = None
+
+        def generate_trace_id(self) -> int:
+            trace_id, self.preset = self.preset, None
+            return trace_id if trace_id is not None else super().generate_trace_id()
+
+    return PresetIds()
+
+
+class RootSampling:
+    """The SDK's decision for a root span (no incoming trace context) under its default
+    ratio sampler (`parentbased_traceidratio` or `traceidratio`), made without starting a span:
+    the trace id is drawn here (as the SDK draws it), and an unsampled request gets no span at
+    all, only its ids for the upstream's traceparent. A sampled one is started by the SDK with
+    that same trace id, so its sampler decides the same."""
+
+    def __init__(self, bound: int, limit: int) -> None:
+        self.ids = _preset_ids()
+        self._bound, self._limit = bound, limit
+        # W3C flags of an unsampled root span, as the SDK sets them: "random trace id" (0x02).
+        self.flags = 0x02 if self.ids.is_trace_id_random() else 0x00
+
+    @classmethod
+    def of(cls, provider: Any) -> RootSampling | None:
+        """None unless the provider uses the SDK's own random ids and ratio sampler."""
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.trace.sampling import (
+            ParentBased,
+            ParentBasedTraceIdRatio,
+            TraceIdRatioBased,
+        )
+
+        sampler = provider.sampler
+        if type(sampler) in (ParentBased, ParentBasedTraceIdRatio):
+            sampler = sampler._root  # the sampler of a span without a parent
+        if type(sampler) is not TraceIdRatioBased:
+            return None
+        if type(provider.id_generator) is not RandomIdGenerator:
+            return None
+        return cls(sampler.bound, sampler.TRACE_ID_LIMIT)
+
+    def draw(self) -> tuple[int, bool]:
+        """A new root trace id and whether the sampler records it."""
+        trace_id = self.ids.generate_trace_id()
+        return trace_id, trace_id & self._limit < self._bound
 
 
 class RequestTrace:
@@ -63,12 +119,13 @@ class RequestTrace:
         "_ended",
         "_incoming",
         "_tracer",
+        "_unsampled",
         "request_id",
         "span",
     )
 
     def __init__(self, tracer: Any, traceparent: bytes | None, tracestate: bytes | None,
-                 request_id: str) -> None:
+                 request_id: str, root: RootSampling | None = None) -> None:
         self._tracer = tracer
         self.request_id = request_id
         self._child: Span | None = None
@@ -81,7 +138,16 @@ class RequestTrace:
                 self._incoming["tracestate"] = tracestate.decode("latin-1")
         self.span: Span | None = None
         self._ctx = _EMPTY
+        self._unsampled: str | None = None  # an unsampled root's traceparent (no span made)
         if tracer is not None:
+            if root is not None and not self._incoming:
+                trace_id, sampled = root.draw()
+                if not sampled:
+                    self._tracer = None
+                    span_id = root.ids.generate_span_id()
+                    self._unsampled = f"00-{trace_id:032x}-{span_id:016x}-{root.flags:02x}"
+                    return
+                root.ids.preset = trace_id  # the span below gets it, and the same decision
             parent = _PROPAGATOR.extract(self._incoming) if self._incoming else _EMPTY
             self.span = tracer.start_span(
                 "chat", context=parent, kind=SpanKind.SERVER,
@@ -98,7 +164,7 @@ class RequestTrace:
         if self.span is not None:
             ctx = self.span.get_span_context()
             return f"{ctx.trace_id:032x}" if ctx.trace_id else None
-        parts = self._incoming.get("traceparent", "").split("-")
+        parts = (self._unsampled or self._incoming.get("traceparent", "")).split("-")
         return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
     @contextmanager
@@ -143,6 +209,8 @@ class RequestTrace:
             _PROPAGATOR.inject(headers, context=trace.set_span_in_context(self._attempt))
         elif self.span is not None:
             _PROPAGATOR.inject(headers, context=self._ctx)
+        elif self._unsampled is not None:
+            headers["traceparent"] = self._unsampled
         elif self._incoming:
             headers.update(self._incoming)
 

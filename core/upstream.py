@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import aiohttp
+from llm_gateway.deadline import deadline
 from llm_gateway.errors import GatewayError, UpstreamError, UpstreamRedirect, UpstreamTimeout
 from llm_gateway.providers.base import UpstreamRequest
 from llm_gateway.settings import Settings
@@ -69,14 +70,13 @@ class UpstreamClient:
         assert self._session is not None, "upstream client not started"
         s = self._settings
         wait_s = s.first_byte_timeout_s if stream else s.request_timeout_s
-        with translate_errors():
-            async with asyncio.timeout(wait_s):
-                resp = await self._session.request(
-                    method, _url(req.url), data=req.body, headers=req.headers,
-                    # A redirect would re-send the prompt, and the target's key, elsewhere.
-                    allow_redirects=False,
-                    timeout=self._timeout if stream else self._complete_timeout,
-                )
+        with translate_errors(), deadline(wait_s):
+            resp = await self._session.request(
+                method, _url(req.url), data=req.body, headers=req.headers,
+                # A redirect would re-send the prompt, and the target's key, elsewhere.
+                allow_redirects=False,
+                timeout=self._timeout if stream else self._complete_timeout,
+            )
         if 300 <= resp.status < 400:
             resp.close()
             raise UpstreamRedirect(
@@ -92,9 +92,8 @@ class UpstreamClient:
         declared = resp.content_length
         body, complete = b"", False
         if declared is None or declared <= limit:
-            with translate_errors():
-                async with asyncio.timeout(self._settings.request_timeout_s):
-                    body, complete = await _read_prefix(resp, limit)
+            with translate_errors(), deadline(self._settings.request_timeout_s):
+                body, complete = await _read_prefix(resp, limit)
         if not complete:
             resp.close()
             raise UpstreamError(
@@ -116,9 +115,8 @@ class UpstreamClient:
     async def read_first(self, resp: aiohttp.ClientResponse) -> bytes:
         """The first chunk of a stream, within the first-byte timeout (before any byte has gone to
         the client, so a failure here may still be retried elsewhere)."""
-        with translate_errors():
-            async with asyncio.timeout(self._settings.first_byte_timeout_s):
-                return await resp.content.readany()
+        with translate_errors(), deadline(self._settings.first_byte_timeout_s):
+            return await resp.content.readany()
 
     @staticmethod
     async def chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

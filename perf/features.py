@@ -56,7 +56,7 @@ GATEWAY = {
     "embeddings_request.py": PARSING, "responses_request.py": PARSING,
     "upstream.py": UPSTREAM,
     "pipeline.py": GLUE, "call.py": GLUE, "router.py": GLUE, "finish.py": GLUE,
-    "app.py": GLUE, "services.py": GLUE, "errors.py": GLUE, "domain.py": GLUE,
+    "app.py": GLUE, "services.py": GLUE, "deadline.py": GLUE, "errors.py": GLUE, "domain.py": GLUE,
     "breakers.py": GLUE, "disconnect.py": GLUE, "settings.py": GLUE, "http.py": GLUE,
     "messages_endpoint.py": GLUE, "response_owners.py": GLUE, "stored_responses.py": GLUE,
     "server.py": FRAMEWORK,  # workers/server.py: the Granian launcher

@@ -139,3 +139,21 @@ def rate_limit_headers(d: Decision) -> dict[str, str]:
         headers["retry-after"] = str(max(1, math.ceil(d.retry_after_s)))
         headers["retry-after-ms"] = str(max(1, math.ceil(d.retry_after_s * 1000)))
     return headers
+
+
+def rate_limit_header_bytes(d: Decision) -> tuple[tuple[bytes, bytes], ...]:
+    """`rate_limit_headers(d)` as the response's (name, value) byte pairs, built directly
+    (the request path's form, once per admitted request)."""
+    out: list[tuple[bytes, bytes]] = []
+    if d.rpm_limit > 0:
+        out += ((b"x-ratelimit-limit-requests", b"%d" % d.rpm_limit),
+                (b"x-ratelimit-remaining-requests", b"%d" % d.rpm_remaining),
+                (b"x-ratelimit-reset-requests", duration(d.rpm_reset_s).encode()))
+    if d.tpm_limit > 0:
+        out += ((b"x-ratelimit-limit-tokens", b"%d" % d.tpm_limit),
+                (b"x-ratelimit-remaining-tokens", b"%d" % d.tpm_remaining),
+                (b"x-ratelimit-reset-tokens", duration(d.tpm_reset_s).encode()))
+    if not d.allowed and not d.never_fits:
+        out += ((b"retry-after", b"%d" % max(1, math.ceil(d.retry_after_s))),
+                (b"retry-after-ms", b"%d" % max(1, math.ceil(d.retry_after_s * 1000))))
+    return tuple(out)

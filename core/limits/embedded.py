@@ -97,6 +97,10 @@ class EmbeddedLimiter:
         return decision(allowed, denied, never, wait, rpm_limit, r, tpm_limit, t)
 
     async def settle(self, tenant_id: str, tpm_limit: int, reserved: int, actual: int) -> None:
+        self.settle_now(tenant_id, tpm_limit, reserved, actual)
+
+    def settle_now(self, tenant_id: str, tpm_limit: int, reserved: int, actual: int) -> None:
+        """`settle`, synchronously: a few microseconds, less than the task it would run in."""
         if tpm_limit <= 0 or reserved == actual:
             return
         key = _key(tenant_id)
@@ -183,6 +187,17 @@ def _find(table: mmap.mmap, key: bytes, now: float) -> _Slot:
     return free, math.inf, now, math.inf, now, now
 
 
+_KEYS: dict[str, bytes] = {}
+_KEYS_MAX = 4096
+
+
 def _key(tenant_id: str) -> bytes:
-    key = hashlib.blake2b(tenant_id.encode(), digest_size=16).digest()
-    return key if key != _EMPTY else b"\1" + key[1:]
+    key = _KEYS.get(tenant_id)
+    if key is None:
+        key = hashlib.blake2b(tenant_id.encode(), digest_size=16).digest()
+        if key == _EMPTY:
+            key = b"\1" + key[1:]
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()
+        _KEYS[tenant_id] = key
+    return key

@@ -52,7 +52,13 @@ STREAM_ERROR_MESSAGE = "the upstream provider failed during the stream"
 
 
 def _has_usage(frame: bytes) -> bool:
-    return any(m in frame for m in _USAGE_MARKERS)
+    return _USAGE_MARKERS[0] in frame or _USAGE_MARKERS[1] in frame
+
+
+def _usage_at(buf: bytes, pos: int) -> int:
+    """Where the first usage marker at or after `pos` is; -1 if none."""
+    a, b = buf.find(_USAGE_MARKERS[0], pos), buf.find(_USAGE_MARKERS[1], pos)
+    return a if b < 0 else b if a < 0 else min(a, b)
 
 
 class OpenAIProvider:
@@ -207,10 +213,13 @@ class OpenAIStream:
             self._hold(buf[end + 2:])
         if self._fill_missing:
             out = b"".join(self._frame(f) for f in out.split(b"\n\n") if f)
-        elif any(m in out for m in _USAGE_MARKERS):
+        elif _USAGE_MARKERS[0] in out or _USAGE_MARKERS[1] in out:
             # Only the frame with the usage is parsed; a block often holds a whole stream.
-            out = b"".join(self._frame(f) if _has_usage(f) else f + b"\n\n"
-                           for f in out.split(b"\n\n") if f)
+            if out.startswith(b"\n") or b"\n\n\n" in out:  # frames the split would cut
+                out = b"".join(self._frame(f) if _has_usage(f) else f + b"\n\n"
+                               for f in out.split(b"\n\n") if f)
+            else:
+                out = self._parse_usage_frames(out)
         if _ERROR_MARKER in out:
             scrubbed = scrub_stream_errors(out)
             if scrubbed != out and self.error is None:  # recorded as the failure it is
@@ -220,6 +229,21 @@ class OpenAIStream:
             self.generated.add(out)
         self._last = out
         return out
+
+    def _parse_usage_frames(self, out: bytes) -> bytes:
+        """`out` (whole frames, no run of three newlines) with each frame that holds a usage
+        marker put through `_frame`, found by searching the bytes, not splitting every frame."""
+        parts: list[bytes] = []
+        pos = 0
+        while (at := _usage_at(out, pos)) >= 0:
+            start = out.rfind(b"\n\n", pos, at)
+            start = pos if start < 0 else start + 2
+            end = out.find(b"\n\n", at)  # `out` ends with a blank line
+            parts.append(out[pos:start])
+            parts.append(self._frame(out[start:end]))
+            pos = end + 2
+        parts.append(out[pos:])
+        return b"".join(parts)
 
     def _hold(self, data: bytes) -> None:
         self._pending_size += len(data)
