@@ -56,7 +56,12 @@ from llm_gateway.providers.base import (
     token_count,
     upstream_json,
 )
-from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE, map_openai_error, usage_of
+from llm_gateway.providers.openai import (
+    STREAM_ERROR_MESSAGE,
+    map_openai_error,
+    openai_request,
+    usage_of,
+)
 from llm_gateway.providers.sse import FrameSplitter, frame_data, sse_event
 
 if TYPE_CHECKING:
@@ -78,12 +83,8 @@ class MessagesToChat:
 
     def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
                       api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
-        out = {"content-type": "application/json", "accept-encoding": "identity"}
-        if api_key:
-            out["authorization"] = f"Bearer {api_key}"
         payload = to_chat_request(body, target.model, stream=stream, provider=self.name)
-        return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", out,
-                               orjson.dumps(payload))
+        return openai_request(target, "chat/completions", api_key, orjson.dumps(payload))
 
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
                        prompt_tokens: int = 0) -> tuple[bytes, Usage]:

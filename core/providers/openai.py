@@ -61,6 +61,21 @@ def _usage_at(buf: bytes, pos: int) -> int:
     return a if b < 0 else b if a < 0 else min(a, b)
 
 
+def openai_request(target: Target, path: str, api_key: str | None,
+                   payload: bytes) -> UpstreamRequest:
+    """A POST to an OpenAI-protocol upstream: `{base_url}/{path}`, JSON, the route's key as
+    Bearer (every translator to openai and self-hosted targets sends this)."""
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return UpstreamRequest(f"{target.base_url.rstrip('/')}/{path}", headers, payload)
+
+
+def with_model(body: dict[str, Any], raw: bytes, model: str) -> bytes:
+    """The client's bytes when they already name the target's model, else re-encoded with it."""
+    return raw if body.get("model") == model else orjson.dumps({**body, "model": model})
+
+
 class OpenAIProvider:
     name = "openai"
     announces_prompt = False
@@ -71,9 +86,6 @@ class OpenAIProvider:
         self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
         api_key: str | None, headers: Headers = (),
     ) -> UpstreamRequest:
-        sent = {"content-type": "application/json", "accept-encoding": "identity"}
-        if api_key:
-            sent["authorization"] = f"Bearer {api_key}"
         wants_usage = stream and not _include_usage(body)
         if body.get("model") == target.model and not wants_usage:
             payload = raw
@@ -83,7 +95,7 @@ class OpenAIProvider:
                 patched["stream_options"] = {**(body.get("stream_options") or {}),
                                              "include_usage": True}
             payload = orjson.dumps(patched)
-        return UpstreamRequest(f"{target.base_url.rstrip('/')}/chat/completions", sent, payload)
+        return openai_request(target, "chat/completions", api_key, payload)
 
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
                        prompt_tokens: int = 0) -> tuple[bytes, Usage]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, InternalError
 from llm_gateway.providers.base import (
@@ -20,7 +19,7 @@ from llm_gateway.providers.base import (
     token_count,
     upstream_json,
 )
-from llm_gateway.providers.openai import map_openai_error
+from llm_gateway.providers.openai import map_openai_error, openai_request, with_model
 
 if TYPE_CHECKING:
     from llm_gateway.ingress import Ask
@@ -36,12 +35,7 @@ class EmbeddingsProvider:
 
     def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
                       api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
-        out = {"content-type": "application/json", "accept-encoding": "identity"}
-        if api_key:
-            out["authorization"] = f"Bearer {api_key}"
-        payload = raw if body.get("model") == target.model else orjson.dumps(
-            {**body, "model": target.model})
-        return UpstreamRequest(f"{target.base_url.rstrip('/')}/embeddings", out, payload)
+        return openai_request(target, "embeddings", api_key, with_model(body, raw, target.model))
 
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
                        prompt_tokens: int = 0) -> tuple[bytes, Usage]:

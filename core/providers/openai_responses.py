@@ -22,7 +22,7 @@ import orjson
 from llm_gateway.domain import Target, Usage
 from llm_gateway.errors import GatewayError, UpstreamError
 from llm_gateway.providers.base import Counter, UpstreamRequest, token_count, upstream_json
-from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE
+from llm_gateway.providers.openai import STREAM_ERROR_MESSAGE, openai_request, with_model
 from llm_gateway.providers.sse import MAX_FRAME_BYTES, data_json
 
 _TERMINAL = frozenset((b"response.completed", b"response.incomplete", b"response.failed"))
@@ -39,12 +39,7 @@ TAIL_BYTES = 64 * 1024
 def responses_request(target: Target, body: dict[str, Any], raw: bytes, *,
                       api_key: str | None) -> UpstreamRequest:
     """The upstream request: the client's bytes, re-encoded only when the model differs."""
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    payload = raw if body.get("model") == target.model else orjson.dumps(
-        {**body, "model": target.model})
-    return UpstreamRequest(f"{target.base_url.rstrip('/')}/responses", headers, payload)
+    return openai_request(target, "responses", api_key, with_model(body, raw, target.model))
 
 
 def responses_usage(data: Any) -> Usage:
