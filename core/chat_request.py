@@ -152,43 +152,43 @@ def parse_chat(raw: bytes, max_depth: int) -> Ask:
     body = parse_json_object(raw, max_depth)
     model = body.get("model")
     if model is None:
-        raise _invalid("you must provide a model parameter", "model", "missing_required_parameter")
+        raise invalid("you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model:
-        raise _invalid("'model' must be a non-empty string", "model", "invalid_type")
+        raise invalid("'model' must be a non-empty string", "model", "invalid_type")
     if len(model) > MAX_MODEL_CHARS:
-        raise _invalid(f"'model' must be at most {MAX_MODEL_CHARS} characters", "model",
+        raise invalid(f"'model' must be at most {MAX_MODEL_CHARS} characters", "model",
                        "invalid_value")
     messages = body.get("messages")
     if messages is None:
-        raise _invalid("'messages' is a required property", "messages",
+        raise invalid("'messages' is a required property", "messages",
                        "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
-        raise _invalid("'messages' must be a non-empty array", "messages", "invalid_type")
+        raise invalid("'messages' must be a non-empty array", "messages", "invalid_type")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _invalid(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+            raise invalid(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
         role = m.get("role")
         if role not in _ROLES:
-            raise _invalid(f"messages[{i}].role must be one of {sorted(_ROLES)}",
+            raise invalid(f"messages[{i}].role must be one of {sorted(_ROLES)}",
                            f"messages[{i}].role", "invalid_value")
         content = m.get("content")
         if content is not None and not isinstance(content, str | list):
-            raise _invalid(f"messages[{i}].content must be a string or an array of parts",
+            raise invalid(f"messages[{i}].content must be a string or an array of parts",
                            f"messages[{i}].content", "invalid_type")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _invalid("'stream' must be a boolean", "stream", "invalid_type")
+        raise invalid("'stream' must be a boolean", "stream", "invalid_type")
     # max_completion_tokens replaced max_tokens; when both are set it is the one that holds.
     limit: int | None = None
     for name in ("max_completion_tokens", "max_tokens"):
         v = body.get(name)
         if v is not None:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _invalid(f"'{name}' must be a positive integer", name, "invalid_value")
+                raise invalid(f"'{name}' must be a positive integer", name, "invalid_value")
             limit = v if limit is None else limit
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
-        raise _invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+        raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
     return Ask(
         model=model,
         stream=stream is True,
@@ -199,7 +199,8 @@ def parse_chat(raw: bytes, max_depth: int) -> Ask:
     )
 
 
-def _invalid(message: str, param: str, code: str) -> InvalidRequest:
+def invalid(message: str, param: str, code: str) -> InvalidRequest:
+    """A 400 naming the client's field (`param`), for every ingress."""
     return InvalidRequest(message, param=param, code=code)
 
 

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from blacksheep import Response
-from llm_gateway.chat_request import MAX_MODEL_CHARS, parse_json_object
+from llm_gateway.chat_request import MAX_MODEL_CHARS, invalid, parse_json_object
 from llm_gateway.domain import Route, Tenant
-from llm_gateway.errors import GatewayError, InvalidRequest
+from llm_gateway.errors import GatewayError
 from llm_gateway.ingress import Ask, openai_error_response
 from llm_gateway.providers.responses_to_chat import prompt_view
 from llm_gateway.stored_responses import check_previous
@@ -27,33 +27,29 @@ def parse_responses(raw: bytes, max_depth: int) -> Ask:
     body = parse_json_object(raw, max_depth)
     model = body.get("model")
     if model is None:
-        raise _invalid("you must provide a model parameter", "model", "missing_required_parameter")
+        raise invalid("you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model:
-        raise _invalid("'model' must be a non-empty string", "model", "invalid_type")
+        raise invalid("'model' must be a non-empty string", "model", "invalid_type")
     if len(model) > MAX_MODEL_CHARS:
-        raise _invalid(f"'model' must be at most {MAX_MODEL_CHARS} characters", "model",
+        raise invalid(f"'model' must be at most {MAX_MODEL_CHARS} characters", "model",
                        "invalid_value")
     given = body.get("input")
     if given is not None and not isinstance(given, str | list):
-        raise _invalid("'input' must be a string or an array of items", "input", "invalid_type")
+        raise invalid("'input' must be a string or an array of items", "input", "invalid_type")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _invalid("'stream' must be a boolean", "stream", "invalid_type")
+        raise invalid("'stream' must be a boolean", "stream", "invalid_type")
     limit = body.get("max_output_tokens")
     if limit is not None and (type(limit) is not int or limit < 1):
-        raise _invalid("'max_output_tokens' must be a positive integer", "max_output_tokens",
+        raise invalid("'max_output_tokens' must be a positive integer", "max_output_tokens",
                        "invalid_value")
     previous = body.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
-        raise _invalid("'previous_response_id' must be a string", "previous_response_id",
+        raise invalid("'previous_response_id' must be a string", "previous_response_id",
                        "invalid_type")
     # A Responses stream always ends with its usage (in `response.completed`).
     return Ask(model=model, stream=stream is True, max_output_tokens=limit, wants_usage=True,
                body=body, raw=raw)
-
-
-def _invalid(message: str, param: str, code: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param, code=code)
 
 
 class ResponsesIngress:
