@@ -347,9 +347,12 @@ def test_prompt_view_counts_like_the_translated_request() -> None:
         {"messages": [{"role": "user", "content": []}], "tools": body["tools"]},
         "o200k_base") + IMAGE_TOKENS
     assert reservation(view["max_tokens"], 10, 4096, 0) == 110
-    for hostile in ({}, {"input": 5, "instructions": 3, "max_output_tokens": True},
-                    {"input": [5, {"type": "x"}, {"role": "user", "content": [1, {}]}]}):
-        assert count_prompt_tokens(prompt_view(hostile), "o200k_base") >= 0
+    # Whatever is not a message or a part is left out: the reply's priming, and one empty turn.
+    for hostile, view_tokens in (({}, 3), ({"input": 5, "instructions": 3,
+                                            "max_output_tokens": True}, 3),
+                                 ({"input": [5, {"type": "x"},
+                                             {"role": "user", "content": [1, {}]}]}, 7)):
+        assert count_prompt_tokens(prompt_view(hostile), "o200k_base") == view_tokens
 
 
 # -- response -----------------------------------------------------------------------------------
