@@ -8,9 +8,9 @@
     (openai.responses, anthropic.messages)  ResponsesToMessages: `responses_to_chat` composed with
                                             the Chat Completions <-> Messages adapter
 
-A translated reply echoes the client's request (instructions, tools, options), so the request
-path binds these translators to each call (`for_call`) before it reads a reply; the table holds
-unbound ones (a reply read unbound echoes defaults).
+A translated reply echoes the client's request (instructions, tools, options): it reads it from
+the `ask` the request path passes. The pass-through remembers each response id with the tenant
+and target that served it, so the request path binds it to each call (`for_call`).
 """
 
 from __future__ import annotations
@@ -87,13 +87,9 @@ class ResponsesToChat:
 
     announces_prompt = False
 
-    def __init__(self, chat: Provider, request: dict[str, Any] | None = None) -> None:
+    def __init__(self, chat: Provider) -> None:
         self.name = chat.name
         self._chat = chat
-        self._request = request or {}
-
-    def for_call(self, svc: Services, call: Call, target: Target) -> ResponsesToChat:
-        return ResponsesToChat(self._chat, call.ask.body)
 
     def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
                       api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
@@ -104,12 +100,12 @@ class ResponsesToChat:
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
                        prompt_tokens: int = 0) -> tuple[bytes, Usage]:
         response, usage = to_response(upstream_json(content), client_model,
-                                      request=self._request)
+                                      request=_request(ask))
         return orjson.dumps(response), usage
 
     def stream_translator(self, client_model: str, client_wants_usage: bool, count: Counter, *,
                           ask: Ask | None = None, prompt_tokens: int = 0) -> StreamTranslator:
-        return ChatToResponsesStream(client_model, self._request, count)
+        return ChatToResponsesStream(client_model, _request(ask), count)
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
         return self._chat.map_error(status, content, headers)
@@ -121,13 +117,8 @@ class ResponsesToMessages:
     name = "anthropic"
     announces_prompt = False
 
-    def __init__(self, anthropic: AnthropicProvider,
-                 request: dict[str, Any] | None = None) -> None:
+    def __init__(self, anthropic: AnthropicProvider) -> None:
         self._anthropic = anthropic
-        self._request = request or {}
-
-    def for_call(self, svc: Services, call: Call, target: Target) -> ResponsesToMessages:
-        return ResponsesToMessages(self._anthropic, call.ask.body)
 
     def build_request(self, target: Target, body: dict[str, Any], raw: bytes, *, stream: bool,
                       api_key: str | None, headers: Headers = ()) -> UpstreamRequest:
@@ -137,14 +128,20 @@ class ResponsesToMessages:
     def parse_response(self, content: bytes, client_model: str, *, ask: Ask | None = None,
                        prompt_tokens: int = 0) -> tuple[bytes, Usage]:
         chat, _ = to_chat_completion(upstream_json(content), client_model)
-        response, usage = to_response(chat, client_model, request=self._request)
+        response, usage = to_response(chat, client_model, request=_request(ask))
         return orjson.dumps(response), usage
 
     def stream_translator(self, client_model: str, client_wants_usage: bool, count: Counter, *,
                           ask: Ask | None = None, prompt_tokens: int = 0) -> StreamTranslator:
         # The chat stream in the middle always carries usage: the Responses events end with it.
         return ChainedStream(AnthropicStream(client_model, True, count),
-                             ChatToResponsesStream(client_model, self._request, None))
+                             ChatToResponsesStream(client_model, _request(ask), None))
 
     def map_error(self, status: int, content: bytes, headers: dict[str, str]) -> GatewayError:
         return self._anthropic.map_error(status, content, headers)
+
+
+def _request(ask: Ask | None) -> dict[str, Any]:
+    """The client's Responses body, which a translated reply echoes (instructions, tools,
+    options); without it (a reply read outside a request) the reply echoes defaults."""
+    return ask.body if ask is not None else {}
