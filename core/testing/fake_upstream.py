@@ -54,6 +54,7 @@ import struct
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
@@ -342,6 +343,27 @@ async def _record(request: web.Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+async def _fault_first(request: web.Request, fault: Fault | None, stream: bool,
+                       error: Callable[..., web.Response]) -> web.Response | None:
+    """What the next fault does before any reply: hang (until the client leaves), wait longer,
+    or answer with its status (returned). None: go on and reply."""
+    config = request.app[STATE].config
+    if fault and fault.kind == "hang":
+        await asyncio.Event().wait()  # until handler cancellation says the client left
+    first_byte_ms = config.ttft_ms if stream else config.latency_ms
+    first_byte_ms += fault.ms if fault and fault.kind == "delay" else 0
+    await asyncio.sleep(first_byte_ms / 1000)
+    if fault and fault.kind == "status":
+        retry = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+        return error(fault.status, f"scripted fault: status {fault.status}", retry)
+    return None
+
+
+def _client_left(request: web.Request, out: SseWriter) -> None:
+    request.app[STATE].events.append({"event": "client_disconnected", "path": request.path,
+                                      "at": time.time(), "chunks_sent": out.sent})
+
+
 async def _respond(
     request: web.Request, body: dict[str, Any], anthropic: bool
 ) -> web.StreamResponse:
@@ -354,14 +376,8 @@ async def _respond(
     stream = bool(body.get("stream"))
     out = SseWriter(request, config, fault.chunks if fault and fault.kind == "drop_after" else None)
     try:
-        if fault and fault.kind == "hang":
-            await asyncio.Event().wait()  # until handler cancellation says the client left
-        first_byte_ms = (config.ttft_ms if stream else config.latency_ms)
-        first_byte_ms += fault.ms if fault and fault.kind == "delay" else 0
-        await asyncio.sleep(first_byte_ms / 1000)
-        if fault and fault.kind == "status":
-            retry = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-            return error(fault.status, f"scripted fault: status {fault.status}", retry)
+        if (scripted := await _fault_first(request, fault, stream, error)) is not None:
+            return scripted
         if not stream:
             if out.drop_after is not None and request.transport is not None:
                 request.transport.abort()
@@ -375,8 +391,7 @@ async def _respond(
     except _Dropped:
         return out.response
     except (ConnectionResetError, asyncio.CancelledError) as exc:
-        state.events.append({"event": "client_disconnected", "path": request.path,
-                             "at": time.time(), "chunks_sent": out.sent})
+        _client_left(request, out)
         if isinstance(exc, asyncio.CancelledError):
             raise
         return out.response
@@ -514,13 +529,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     out = SseWriter(request, state.config,
                     fault.chunks if fault and fault.kind == "drop_after" else None)
     try:
-        if fault and fault.kind == "hang":
-            await asyncio.Event().wait()
-        delay = state.config.ttft_ms if stream else state.config.latency_ms
-        await asyncio.sleep((delay + (fault.ms if fault and fault.kind == "delay" else 0)) / 1000)
-        if fault and fault.kind == "status":
-            retry = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-            return openai_error(fault.status, f"scripted fault: status {fault.status}", retry)
+        if (scripted := await _fault_first(request, fault, stream, openai_error)) is not None:
+            return scripted
         if not stream:
             if out.drop_after is not None and request.transport is not None:
                 request.transport.abort()
@@ -534,8 +544,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except _Dropped:
         return out.response
     except (ConnectionResetError, asyncio.CancelledError) as exc:
-        state.events.append({"event": "client_disconnected", "path": request.path,
-                             "at": time.time(), "chunks_sent": out.sent})
+        _client_left(request, out)
         if isinstance(exc, asyncio.CancelledError):
             raise
         return out.response
