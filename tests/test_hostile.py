@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -101,7 +100,7 @@ from aiohttp import web
 from llm_gateway.tokens import count_prompt_tokens
 
 from tests import procs
-from tests.conftest import Gateway, gateway_env, gateway_process, redis_process, unique
+from tests.conftest import gateway_env, gateway_process, redis_process, unique
 from tests.hostile_upstream import hostile_upstream, huge_completion, openai_completion
 from tests.test_hostile_counting import (
     STALL_BOUND_S,
@@ -113,7 +112,7 @@ from tests.test_hostile_counting import (
     tenant,
     worst_latency_while,
 )
-from tests.test_hostile_upstream import SECRET, _chat, _route
+from tests.test_hostile_upstream import SECRET, _chat, _route, stall_body
 from tests.test_limits import _admitted
 
 MIB = 2**20
@@ -266,32 +265,10 @@ def test_item5_credentials_upstream_secrets_and_redirects_stay_in(tmp_path: Path
 
 # Item 6 ------------------------------------------------------------------------------------
 
-def _stall_body(gw: Gateway, key: str, wait_s: float) -> tuple[bytes, float]:
-    """POST headers and the start of a 1000-byte body, then nothing: what the gateway answers
-    within `wait_s`, and how long it took."""
-    port = int(gw.url.rsplit(":", 1)[1])
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-            "Content-Length: 1000\r\n\r\n{\"model\": ")
-    reply = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
-        s.sendall(head.encode())
-        t0 = time.monotonic()
-        while b"}}" not in reply.partition(b"\r\n\r\n")[2]:  # the error JSON is complete
-            try:
-                data = s.recv(65536)
-            except TimeoutError:
-                break
-            if not data:
-                break
-            reply += data
-        return reply, time.monotonic() - t0
-
-
 def test_item6_stalled_request_body_gets_408(tmp_path: Path) -> None:
     """Before: an authenticated client held the request open for as long as it liked."""
     with gateway_process(tmp_path, GATEWAY_WORKERS="1", GATEWAY_BODY_READ_TIMEOUT_S="1") as gw:
-        reply, waited = _stall_body(gw, tenant(gw)[1], wait_s=8)
+        reply, waited = stall_body(gw, tenant(gw)[1], wait_s=8)
     assert reply.startswith(b"HTTP/1.1 408"), (reply[:200], f"{waited:.1f} s")
     assert b"request_timeout" in reply
     assert waited < 1 + 3, f"408 after {waited:.1f} s"  # the timeout, and a loaded machine

@@ -299,17 +299,19 @@ def test_breaker_counts_a_timed_out_request_once(gw: Gateway, key: str) -> None:
         assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_circuit_open"
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/tenants"])
-def test_stalled_request_body_gets_408(gw: Gateway, key: str, path: str) -> None:
+def stall_body(gw: Gateway, key: str, wait_s: float,
+               path: str = "/v1/chat/completions") -> tuple[bytes, float]:
+    """POST headers and the start of a 1000-byte body, then nothing: what the gateway answers
+    within `wait_s`, and how long it took."""
     port = int(gw.url.rsplit(":", 1)[1])
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
             f"X-Admin-Key: {gw.admin_key}\r\nContent-Type: application/json\r\n"
             "Content-Length: 1000\r\n\r\n{\"model\": ")
-    with socket.create_connection(("127.0.0.1", port), timeout=12) as s:
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
         s.sendall(head.encode())
         t0 = time.monotonic()
-        reply = b""
-        while b"}}" not in reply.partition(b"\r\n\r\n")[2]:
+        while b"}}" not in reply.partition(b"\r\n\r\n")[2]:  # the error JSON is complete
             try:
                 data = s.recv(65536)
             except TimeoutError:
@@ -317,7 +319,12 @@ def test_stalled_request_body_gets_408(gw: Gateway, key: str, path: str) -> None
             if not data:
                 break
             reply += data
-        waited = time.monotonic() - t0
+        return reply, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/tenants"])
+def test_stalled_request_body_gets_408(gw: Gateway, key: str, path: str) -> None:
+    reply, waited = stall_body(gw, key, 12, path)
     assert reply.startswith(b"HTTP/1.1 408"), (reply[:200], waited)
     assert waited < 10
     body = reply.partition(b"\r\n\r\n")[2]
